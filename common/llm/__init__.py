@@ -1,0 +1,49 @@
+"""The black-box LLM layer: one complete() interface over OpenAI-compatible and embedded backends.
+
+Importing this package is cheap: llama_cpp and openai are imported only when a backend is made.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .base import LLM, LLMError, LLMStats, Message
+from .cache import CachedLLM, ResponseCache, default_cache_dir
+
+BACKENDS = ("embedded", "openai")
+DEFAULT_SERVED_MODEL = "smollm2-135m"  # the alias `fedhydra llm serve` gives the embedded model
+
+__all__ = ["LLM", "LLMError", "LLMStats", "Message", "CachedLLM", "ResponseCache", "default_cache_dir",
+           "make_llm", "BACKENDS"]
+
+
+def make_llm(backend: str = "embedded", base_url: str | None = None, model: str | None = None,
+             api_key_env: str = "OPENAI_API_KEY", cache_dir: str | os.PathLike | None = None,
+             cache: bool = True, **kw) -> LLM:
+    """The LLM the CLI options describe, behind the persistent response cache unless cache=False.
+
+    embedded: SmolLM2-135M-Instruct in-process; `model` may name another GGUF file; kw goes to
+      EmbeddedLLM (n_ctx, n_threads).
+    openai: needs base_url; `model` defaults to the alias `fedhydra llm serve` uses; the key comes
+      from the environment variable api_key_env; kw goes to OpenAIChat (timeout, max_retries, ...).
+    The cache folder is default_cache_dir(cache_dir).
+    """
+    if backend == "embedded":
+        if base_url:
+            raise ValueError(f"--llm-base-url {base_url} is only used with --llm openai; "
+                             "the embedded LLM runs in this process")
+        from .embedded import EmbeddedLLM
+
+        llm = EmbeddedLLM(model_path=model, **kw)
+    elif backend == "openai":
+        if not base_url:
+            raise ValueError("--llm openai needs --llm-base-url, the endpoint's URL "
+                             "(e.g. http://127.0.0.1:8765/v1 after `fedhydra llm serve`)")
+        from .openai_backend import OpenAIChat
+
+        llm = OpenAIChat(base_url, model or DEFAULT_SERVED_MODEL, api_key_env=api_key_env, **kw)
+    else:
+        raise ValueError(f"unknown LLM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not cache:
+        return llm
+    return CachedLLM(llm, ResponseCache(default_cache_dir(cache_dir)))

@@ -1,0 +1,65 @@
+"""The results folder every run writes: results.json, results.md and per-method predictions.
+
+results.json holds, per method: the task's metrics, number of users, LLM calls, tokens,
+cache hits and wall time (DESIGN.md "Results every run writes").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fedhydra.common.tasks import Task
+
+
+@dataclass
+class MethodResult:
+    method: str
+    metrics: dict[str, float]
+    users: int
+    llm_calls: int
+    tokens: int
+    cache_hits: int
+    wall_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def markdown_table(task: Task, results: list[MethodResult]) -> str:
+    cols = list(task.metrics)
+    head = ["method", *cols, "users", "LLM calls", "tokens", "cache hits", "wall s"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        vals = [f"{r.metrics[c]:.4f}" if c != "bleu" else f"{r.metrics[c]:.3f}" for c in cols]
+        rows.append("| " + " | ".join([r.method, *vals, str(r.users), str(r.llm_calls), str(r.tokens),
+                                        str(r.cache_hits), f"{r.wall_s:.1f}"]) + " |")
+    return "\n".join(rows)
+
+
+def write_results(out: Path, task: Task, results: list[MethodResult], run_info: dict,
+                  predictions: dict[str, list[dict]] | None = None) -> Path:
+    """Write results.json, results.md and predictions/<method>.jsonl into `out`; returns results.md's path."""
+    out = Path(out)
+    doc = {"task": task.name, **run_info, "methods": {r.method: asdict(r) for r in results}}
+    write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    info = "\n".join(f"- {k}: {v}" for k, v in run_info.items())
+    md = f"# {task.name} ({task.title})\n\n{info}\n\n{markdown_table(task, results)}\n"
+    write_atomic(out / "results.md", md)
+    for method, rows in (predictions or {}).items():
+        write_atomic(out / "predictions" / f"{method}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return out / "results.md"
