@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, ValueError, FileNotFoundError, LLMError) as exc:
+    except (DataError, ValueError, FileNotFoundError, ImportError, LLMError) as exc:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"fedhydra: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,77 @@
+"""HYDRA's two stages over a group of users, for one place that holds their data (a whole
+centralized run, or one federated client).
+
+- train: labels from the users' history, then base + their heads (+ the shared default head)
+  trained together, reranker first, so the adapter's prompts use the trained reranker's top-k;
+- fit: unseen users, base frozen, fresh heads on their own history only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from . import labels, training
+from .config import HydraConfig
+from .llm.base import LLM
+from .records import User
+from .retrieval import Retriever
+from .scorer import HydraScorer
+from .tasks import Task
+
+
+@dataclass
+class HydraModels:
+    """The two scorers: each a shared base plus one head per user and a default head."""
+
+    reranker: HydraScorer
+    adapter: HydraScorer
+
+    @classmethod
+    def new(cls, cfg: HydraConfig, encoder: str | None = None, device: str | None = None) -> "HydraModels":
+        def make() -> HydraScorer:
+            return HydraScorer(encoder, train_layers=cfg.train_layers, head_layers=cfg.head_layers,
+                               max_length=cfg.max_length, device=device)
+        return cls(make(), make())
+
+
+def _optim_args(cfg: HydraConfig, progress: bool) -> dict:
+    return dict(epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
+                weight_decay=cfg.weight_decay, seed=cfg.seed, progress=progress)
+
+
+def make_labels(task: Task, llm: LLM, retriever: Retriever, users: list[User], cfg: HydraConfig,
+                reranker: HydraScorer | None, which: str, real_queries: bool, progress: bool = True):
+    """Reranker (`which="reranker"`) or adapter examples for `users`, made from their history."""
+    out = []
+    for user in tqdm(users, desc=f"{which} labels", unit="user", disable=not progress):
+        pqs = labels.pseudo_queries(task, llm, user, cfg, real_query=real_queries)
+        if which == "reranker":
+            out += labels.reranker_examples(task, llm, retriever, user, pqs, cfg)
+        else:
+            out += labels.adapter_examples(task, llm, retriever, user, pqs, cfg, reranker)
+    return out
+
+
+def train(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: HydraModels,
+          progress: bool = True) -> dict:
+    """The train stage on `users`; returns per-module training metrics."""
+    retriever, report = Retriever(task), {}
+    for which, model in (("reranker", models.reranker), ("adapter", models.adapter)):
+        examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which,
+                               cfg.include_train_queries, progress)
+        report[which] = training.train_stage(model, examples, **_optim_args(cfg, progress))
+        report[which]["positives"] = sum(e.label for e in examples)
+    return report
+
+
+def fit(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: HydraModels,
+        progress: bool = True) -> dict:
+    """The fit stage: fresh heads for `users` trained on their history only; the bases stay frozen."""
+    retriever, report = Retriever(task), {}
+    for which, model in (("reranker", models.reranker), ("adapter", models.adapter)):
+        examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which, False, progress)
+        report[which] = training.fit_stage(model, examples, **_optim_args(cfg, progress))
+        report[which]["positives"] = sum(e.label for e in examples)
+    return report

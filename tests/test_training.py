@@ -1,0 +1,125 @@
+"""Train and fit stages: what each may change, and that per-user heads learn opposite preferences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
+from fedhydra.common.training import ScoredExample, fit_stage, train_stage
+
+QUERY = "which pet?"
+TEMPLATES = ["a photo of a {}", "my {} is sleeping", "the {} ran away", "I fed the {} today",
+             "a small {} in the garden", "the neighbour's {} is loud"]
+
+
+def pet_examples(user: str, liked: str) -> list[ScoredExample]:
+    """The user labels texts about `liked` positive and the other pet negative."""
+    return [ScoredExample(user, QUERY, t.format(a), int(a == liked)) for t in TEMPLATES for a in ("cat", "dog")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny batches gain nothing from 2 threads, and 2 threads on 2 busy shared cores ran 50x slower here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model() -> HydraScorer:
+    torch.manual_seed(0)
+    return HydraScorer(max_length=64, device="cpu")
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_scored_example_validates():
+    with pytest.raises(ValueError, match="label must be 0 or 1"):
+        ScoredExample("u", "q", "t", 2)
+    with pytest.raises(ValueError, match="non-empty string"):
+        ScoredExample("", "q", "t", 1)
+    with pytest.raises(TypeError, match="must be strings"):
+        ScoredExample("u", "q", None, 1)
+
+
+def test_stages_reject_bad_arguments(model):
+    with pytest.raises(ValueError, match="no training examples"):
+        train_stage(model, [], progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        fit_stage(model, pet_examples("a", "cat"), epochs=0, progress=False)
+    with pytest.raises(ValueError, match="learning rates"):
+        train_stage(model, pet_examples("a", "cat"), head_lr=-1.0, progress=False)
+
+
+def test_train_stage_changes_top_layers_heads_and_default_not_lower_layers(model):
+    base, default = _params(model.encoder), _params(model.heads[DEFAULT_HEAD])
+    model.add_user("bystander")
+    bystander = _params(model.head("bystander"))
+    metrics = train_stage(model, pet_examples("a", "cat"), epochs=1, batch_size=6, progress=False)
+    assert metrics["steps"] == 2 and metrics["examples"] == 12 and metrics["users"] == 1
+    assert metrics["loss"] == pytest.approx(metrics["user_loss"] + metrics["default_loss"])
+    after = _params(model.encoder)
+    changed = {n for n in base if not torch.equal(base[n], after[n])}
+    trainable = set(model.shared_state())
+    assert changed and changed <= trainable
+    assert all(torch.equal(base[n], after[n]) for n in base if n not in trainable)  # embeddings, layers 0-3
+    assert any(not torch.equal(default[n], p) for n, p in model.heads[DEFAULT_HEAD].named_parameters())
+    assert model.has_user("a")
+    assert all(torch.equal(bystander[n], p) for n, p in model.head("bystander").named_parameters())
+
+
+def test_train_stage_is_reproducible_for_a_seed(model):
+    examples = pet_examples("a", "cat")[:6]
+    train_stage(model, examples, epochs=1, batch_size=3, seed=3, progress=False)
+    torch.manual_seed(0)
+    other = HydraScorer(max_length=64, device="cpu")
+    train_stage(other, examples, epochs=1, batch_size=3, seed=3, progress=False)
+    assert all(torch.equal(model.shared_state()[n], t) for n, t in other.shared_state().items())
+    assert all(torch.equal(model.personal_state("a")[n], t) for n, t in other.personal_state("a").items())
+
+
+def test_fit_stage_keeps_base_bit_identical_and_fits_only_its_users(model):
+    model.add_user("old")
+    model.add_user("c")
+    base, old, default = _params(model.encoder), _params(model.head("old")), _params(model.heads[DEFAULT_HEAD])
+    c_before = _params(model.head("c"))
+    examples = pet_examples("c", "cat") + pet_examples("new", "dog")
+    metrics = fit_stage(model, examples, epochs=2, lr=1e-3, batch_size=8, progress=False)
+    assert metrics["steps"] == 6 and metrics["users"] == 2
+    assert all(torch.equal(base[n], p) for n, p in model.encoder.named_parameters())
+    assert all(torch.equal(old[n], p) for n, p in model.head("old").named_parameters())
+    assert all(torch.equal(default[n], p) for n, p in model.heads[DEFAULT_HEAD].named_parameters())
+    assert model.has_user("new")
+    assert all(not torch.equal(c_before[n], p) for n, p in model.head("c").named_parameters())
+    assert all(p.requires_grad for p in model.trainable_base_parameters())  # fit leaves the base trainable
+
+
+def test_fit_stage_reset_heads_reinitialises(model):
+    model.add_user("c")
+    with torch.no_grad():
+        for p in model.head("c").parameters():
+            p.fill_(3.0)
+    fit_stage(model, pet_examples("c", "cat"), epochs=1, lr=1e-5, reset_heads=True, progress=False)
+    assert model.head("c").out_proj.weight.detach().abs().max().item() < 1.0  # fresh init, not the 3.0s
+
+
+def test_train_stage_learns_opposite_preferences_per_user(model):
+    examples = pet_examples("cat_lover", "cat") + pet_examples("dog_lover", "dog")
+    metrics = train_stage(model, examples, epochs=4, lr=5e-5, head_lr=3e-3, batch_size=8, progress=False)
+    assert metrics["accuracy"] >= 0.8
+    held_out = ["there is a cat on the roof", "there is a dog on the roof"]
+    cat_lover = model.score("cat_lover", QUERY, held_out)
+    dog_lover = model.score("dog_lover", QUERY, held_out)
+    # The same pair scored differently per user: the personalization property.
+    assert cat_lover[0] > cat_lover[1] + 0.2
+    assert dog_lover[1] > dog_lover[0] + 0.2
+
+
+def test_fit_stage_personalizes_an_unseen_user_on_a_frozen_base(model):
+    fit_stage(model, pet_examples("newcomer", "dog"), epochs=8, lr=2e-5, head_lr=3e-3, batch_size=4, progress=False)
+    scores = model.score("newcomer", QUERY, ["there is a cat on the roof", "there is a dog on the roof"])
+    assert scores[1] > scores[0] + 0.3
