@@ -88,6 +88,10 @@ def add_hydra_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=int, default=None, help="items in the prompt")
     g.add_argument("--candidates", type=int, default=None, help="B, temperature-1 samples for the adapter")
     g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--adapter-labels", default=None, choices=("gold", "above-mean"),
+                   help="generation tasks: gold = the user's own text is the adapter's positive and every LLM "
+                        "candidate a negative (HYDRA's code); above-mean = candidates whose ROUGE against the "
+                        "target beats the query's mean are positives")
     g.add_argument("--style", default=None, choices=("system", "chat", "lamp"),
                    help="prompt format for profile items (default: the measured best per task)")
     g.add_argument("--encoder", default=None,

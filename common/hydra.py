@@ -63,6 +63,7 @@ def train(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hyd
                                cfg.include_train_queries, progress)
         report[which] = training.train_stage(model, examples, **_optim_args(cfg, progress))
         report[which]["positives"] = sum(e.label for e in examples)
+        model.clear_cache()  # the frozen-feature cache pays off across epochs only; free it for what follows
     return report
 
 
@@ -74,4 +75,5 @@ def fit(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hydra
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which, False, progress)
         report[which] = training.fit_stage(model, examples, **_optim_args(cfg, progress))
         report[which]["positives"] = sum(e.label for e in examples)
+        model.clear_cache()
     return report

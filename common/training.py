@@ -124,12 +124,7 @@ def train_stage(model: HydraScorer, examples: list[ScoredExample], epochs: int =
                         user_loss = ce(user_logits, labels)
                         default_loss = ce(model.heads[DEFAULT_HEAD](feats), labels)
                         loss = user_loss + default_loss
-                        loss.backward()
-                        if max_grad_norm:
-                            nn.utils.clip_grad_norm_(params, max_grad_norm)
-                        opt.step()
-                        sched.step()
-                        opt.zero_grad(set_to_none=True)
+                        _step(loss, params, opt, sched, max_grad_norm)
                         steps += 1
                         for k, v in (("loss", loss), ("user_loss", user_loss), ("default_loss", default_loss)):
                             sums[k] += v.detach().item()
@@ -206,12 +201,7 @@ def fit_stage(model: HydraScorer, examples: list[ScoredExample], epochs: int = 2
                         labels = labels_all[idx.to(labels_all.device)]
                         logits = model.head_logits(feats[idx.to(feats.device)], [uids_all[i] for i in idx.tolist()])
                         loss = ce(logits, labels)
-                        loss.backward()
-                        if max_grad_norm:
-                            nn.utils.clip_grad_norm_(params, max_grad_norm)
-                        opt.step()
-                        sched.step()
-                        opt.zero_grad(set_to_none=True)
+                        _step(loss, params, opt, sched, max_grad_norm)
                         steps += 1
                         total += loss.detach().item()
                         if epoch == epochs - 1:
@@ -226,3 +216,13 @@ def fit_stage(model: HydraScorer, examples: list[ScoredExample], epochs: int = 2
         raise RuntimeError(f"fit stage changed base parameters {changed[:3]}; the base must stay frozen")
     return {"loss": total / steps, "accuracy": correct / len(examples), "examples": len(examples),
             "users": len(users), "steps": steps, "epochs": epochs, "seconds": time.perf_counter() - start}
+
+
+def _step(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer, sched, max_grad_norm: float | None) -> None:
+    """One optimiser step: backward, optional clipping (the HF Trainer's default of 1.0), update, schedule."""
+    loss.backward()
+    if max_grad_norm:
+        nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)

@@ -61,7 +61,8 @@ def evaluate_command(args: argparse.Namespace) -> Path:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     check_methods(methods)
     cfg = get_config(args.preset, seed=args.seed, pseudo_queries=args.pseudo_queries, retrieve=args.retrieve,
-                     k=args.k, candidates=args.candidates, style=args.style, epochs=args.epochs)
+                     k=args.k, candidates=args.candidates, style=args.style, epochs=args.epochs,
+                     adapter_generation_labels=args.adapter_labels)
     if args.data:
         split = load_split(args.data)
         train_users, test_users = split_users(split.users, args.train_users, args.test_users, args.seed)

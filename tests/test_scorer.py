@@ -10,14 +10,7 @@ from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer, head_key
 QUERY = "which pet?"
 TEXTS = ["a cat on the sofa", "a dog in the garden", "stock prices fell sharply today"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny batches gain nothing from 2 threads, and 2 threads on 2 busy shared cores ran 50x slower here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

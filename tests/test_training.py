@@ -17,14 +17,7 @@ def pet_examples(user: str, liked: str) -> list[ScoredExample]:
     """The user labels texts about `liked` positive and the other pet negative."""
     return [ScoredExample(user, QUERY, t.format(a), int(a == liked)) for t in TEMPLATES for a in ("cat", "dog")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny batches gain nothing from 2 threads, and 2 threads on 2 busy shared cores ran 50x slower here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real embedded LLM (one per session) behind a per-test cache, and a recorder of prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedhydra.common.llm import CachedLLM, ResponseCache
+from fedhydra.common.llm.embedded import EmbeddedLLM, embedded_unavailable_reason
+
+LLM_UNAVAILABLE = embedded_unavailable_reason()
+
+
+@pytest.fixture(scope="session")
+def embedded_llm():
+    if LLM_UNAVAILABLE:
+        pytest.skip(f"embedded LLM unavailable: {LLM_UNAVAILABLE}")
+    # One thread: llama.cpp's spinning thread pool stalls when the two cores are shared.
+    return EmbeddedLLM(n_threads=1)
+
+
+class RecordingLLM:
+    """The real LLM, with every request it is asked kept, so tests can assert on what was sent."""
+
+    def __init__(self, llm):
+        self.llm, self.requests = llm, []
+
+    @property
+    def name(self):
+        return self.llm.name
+
+    @property
+    def stats(self):
+        return self.llm.stats
+
+    def complete(self, messages, n=1, temperature=0.0, max_tokens=64, seed=0):
+        self.requests.append({"messages": messages, "n": n, "temperature": temperature})
+        return self.llm.complete(messages, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
+
+    def prompt_texts(self) -> list[str]:
+        return [m["content"] for r in self.requests for m in r["messages"]]
+
+
+@pytest.fixture
+def llm(embedded_llm, tmp_path):
+    """The embedded LLM behind a fresh response cache, recording its requests."""
+    return RecordingLLM(CachedLLM(embedded_llm, ResponseCache(tmp_path / "llm-cache")))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny batches gain nothing from 2 threads, and 2 threads on 2 busy shared cores ran 50x slower here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
