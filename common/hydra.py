@@ -31,8 +31,9 @@ class HydraModels:
     @classmethod
     def new(cls, cfg: HydraConfig, encoder: str | None = None, device: str | None = None) -> "HydraModels":
         def make() -> HydraScorer:
+            # 128 MB of frozen features per scorer holds the cpu preset's pairs and keeps a run under 2 GB
             return HydraScorer(encoder, train_layers=cfg.train_layers, head_layers=cfg.head_layers,
-                               max_length=cfg.max_length, device=device)
+                               max_length=cfg.max_length, device=device, cache_mb=128)
         return cls(make(), make())
 
 

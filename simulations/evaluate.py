@@ -53,6 +53,11 @@ def run_hydra(task: Task, llm: LLM, train_users: list[User], test_users: list[Us
     return results, predictions, report, models
 
 
+def _check_task(expected: str | None, task: Task) -> None:
+    if expected and expected != task.name:
+        raise ValueError(f"--task {expected} but the data is {task.name}")
+
+
 def evaluate_command(args: argparse.Namespace) -> Path:
     """Everything `fedhydra evaluate` does; see its --help."""
     from fedhydra.common.cli import llm_from_args
@@ -65,19 +70,19 @@ def evaluate_command(args: argparse.Namespace) -> Path:
                      adapter_generation_labels=args.adapter_labels)
     if args.data:
         split = load_split(args.data)
+        _check_task(args.task, split.task)
         train_users, test_users = split_users(split.users, args.train_users, args.test_users, args.seed)
         task, source = split.task, str(args.data)
     else:
         if not (args.train_data and args.test_data):
             raise ValueError("give --data DIR, or both --train-data DIR and --test-data DIR")
         tr, te = load_split(args.train_data), load_split(args.test_data)
+        _check_task(args.task, tr.task)
         if tr.task.name != te.task.name:
             raise ValueError(f"--train-data is {tr.task.name} but --test-data is {te.task.name}")
         train_users, _ = split_users(tr.users, args.train_users, 0, args.seed)
         _, test_users = split_users(te.users, 0, args.test_users, args.seed)
         task, source = tr.task, f"train {args.train_data}, test {args.test_data}"
-    if args.task and args.task != task.name:
-        raise ValueError(f"--task {args.task} but the data is {task.name}")
     llm = llm_from_args(args)
     print(f"{task.name}: {len(train_users)} train users, {len(test_users)} test users, LLM {llm.name}, "
           f"preset {cfg.preset}", flush=True)
