@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 
 from . import labels, training
@@ -34,7 +35,10 @@ class HydraModels:
             # 128 MB of frozen features per scorer holds the cpu preset's pairs and keeps a run under 2 GB
             return HydraScorer(encoder, train_layers=cfg.train_layers, head_layers=cfg.head_layers,
                                max_length=cfg.max_length, device=device, cache_mb=128)
-        return cls(make(), make())
+        # The default head is initialised at construction: seed it, or reruns differ (and miss the LLM cache).
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            return cls(make(), make())
 
 
 def _optim_args(cfg: HydraConfig, progress: bool) -> dict:

@@ -78,3 +78,13 @@ def test_unknown_user_is_served_by_the_default_head(llm):
     assert answer.scores == [float(s) for s in expected]
     assert answer.text == answer.candidates[max(range(len(expected)), key=lambda j: (expected[j], -j))]
     assert len(answer.items) == cfg.k and len(answer.candidates) == cfg.candidates + 1  # greedy + B samples
+
+
+def test_models_are_built_the_same_for_the_same_seed():
+    cfg = get_config("cpu", **TINY)
+    torch.manual_seed(123)  # the caller's RNG state must not matter
+    a = HydraModels.new(cfg)
+    torch.manual_seed(456)
+    b = HydraModels.new(cfg)
+    for m in ("reranker", "adapter"):
+        assert _same(getattr(a, m).default_head_state(), getattr(b, m).default_head_state())
