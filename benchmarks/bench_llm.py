@@ -35,15 +35,19 @@ def messages(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def bench_decode(threads: int, answers: int, max_tokens: int) -> None:
-    llm = EmbeddedLLM(n_threads=threads)
-    llm.complete(messages("Hello."), max_tokens=4)  # warm-up
+def time_answers(llm, answers: int, max_tokens: int):
+    """After a warm-up call, `answers` samples for each prompt; returns (LLMStats used, wall seconds)."""
+    llm.complete(messages("Hello."), max_tokens=4)
     before = llm.stats.copy()
     start = time.perf_counter()
     for text in PROMPTS:
         llm.complete(messages(text), n=answers, temperature=1.0, max_tokens=max_tokens, seed=0)
-    wall = time.perf_counter() - start
-    used = llm.stats.minus(before)
+    return llm.stats.minus(before), time.perf_counter() - start
+
+
+def bench_decode(threads: int, answers: int, max_tokens: int) -> None:
+    llm = EmbeddedLLM(n_threads=threads)
+    used, wall = time_answers(llm, answers, max_tokens)
     print(f"embedded decode ({threads} thread(s)): {used.calls} calls, {used.completion_tokens} completion tokens "
           f"in {wall:.2f} s = {used.completion_tokens / wall:.1f} tok/s (prompt eval included; "
           f"{wall / used.calls:.3f} s per answer, {used.prompt_tokens} prompt tokens)")
@@ -89,13 +93,7 @@ def bench_openai(threads: int, answers: int, max_tokens: int) -> None:
                 time.sleep(0.2)
         print(f"openai: server ready in {time.perf_counter() - start:.1f} s")
         llm = OpenAIChat(url, "smollm2-135m", timeout=120)
-        llm.complete(messages("Hello."), max_tokens=4)  # warm-up
-        before = llm.stats.copy()
-        t = time.perf_counter()
-        for text in PROMPTS:
-            llm.complete(messages(text), n=answers, temperature=1.0, max_tokens=max_tokens, seed=0)
-        wall = time.perf_counter() - t
-        used = llm.stats.minus(before)
+        used, wall = time_answers(llm, answers, max_tokens)
         print(f"openai via local server ({threads} thread(s)): {len(PROMPTS)} x n={answers} -> {used.calls} requests "
               f"(server ignores n), {used.completion_tokens} completion tokens in {wall:.2f} s = "
               f"{used.completion_tokens / wall:.1f} tok/s, {wall / used.calls * 1e3:.0f} ms per answer")

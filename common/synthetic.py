@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .files import write_atomic
 from .records import LampSplit, User
 from .tasks import get_task
 
@@ -335,17 +334,6 @@ def make_synthetic(task: str = "LaMP_2M", n_users: int = 40, seed: int = 0,
     return LampSplit(task=get_task(task), users=users, source=None, meta=meta)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_synthetic(dest: str | Path, task: str = "LaMP_2M", n_users: int = 40, seed: int = 0) -> list[Path]:
     """Write the synthetic split as LaMP's `dev_questions.json` + `dev_outputs.json`, and a README.md
     saying the data is synthetic and how it was made, into `dest`; returns the paths. Atomic per file."""
@@ -363,5 +351,5 @@ def write_synthetic(dest: str | Path, task: str = "LaMP_2M", n_users: int = 40, 
              (dest / "dev_outputs.json", json.dumps(outputs, ensure_ascii=False, indent=1) + "\n"),
              (dest / "README.md", readme)]
     for path, text in files:
-        _write_atomic(path, text)
+        write_atomic(path, text)
     return [path for path, _ in files]

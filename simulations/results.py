@@ -7,11 +7,10 @@ cache hits and wall time (DESIGN.md "Results every run writes").
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedhydra.common.files import write_atomic
 from fedhydra.common.tasks import Task
 
 
@@ -25,19 +24,6 @@ class MethodResult:
     cache_hits: int
     wall_s: float
     extra: dict = field(default_factory=dict)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def markdown_table(task: Task, results: list[MethodResult]) -> str:
