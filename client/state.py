@@ -1,0 +1,180 @@
+"""A client's private state: one folder that never leaves the client's machine.
+
+    STATE/
+      client.json                 format, task, the users it holds (id -> role "train" | "test")
+      history/<user>.json         one LaMP user: query input, gold (None when unknown), profile items
+      models/reranker.safetensors HydraScorer.save(): last shared base received + every head + default head
+      models/adapter.safetensors
+      config.json                 the HydraConfig the models were trained with (sizes, prompt style, seed)
+      labels/<module>.json        training examples made from LLM feedback, with the key of what they
+                                  depend on (config, and the reranker for adapter labels); reused while it matches
+      llm-cache/                  the client's own LLM response cache (SQLite)
+
+Every file is written atomically (temporary file, then rename), so a client killed at any
+moment restarts from its last complete state. A federated client, the simulation harness and
+the on-device gRPC service all read and write this one layout through `ClientState`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from fedhydra.common.config import HydraConfig
+from fedhydra.common.files import write_atomic
+from fedhydra.common.hydra import HydraModels
+from fedhydra.common.scorer import HydraScorer
+from fedhydra.common.records import User
+from fedhydra.common.tasks import PROFILE_FIELDS, Task, get_task
+from fedhydra.common.training import ScoredExample
+
+FORMAT = "fedhydra-client/1"
+MODULES = ("reranker", "adapter")
+ROLES = ("train", "test")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class StateError(ValueError):
+    """A client state folder is missing, malformed, or asked for something it does not hold."""
+
+
+def check_user_id(user_id: str) -> str:
+    """User ids name files in the state folder: letters, digits, '.', '_' and '-' only."""
+    if not isinstance(user_id, str) or not _SAFE_ID.match(user_id) or user_id in (".", ".."):
+        raise StateError(f"bad user id {user_id!r}: use 1-128 letters, digits, '.', '_' or '-'")
+    return user_id
+
+
+class ClientState:
+    """Read and write one client's private folder (see the module docstring)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder).expanduser()
+        meta_path = self.folder / "client.json"
+        if not meta_path.is_file():
+            raise StateError(f"{self.folder} is not a FedHydra client state folder (no client.json); "
+                             "create one with ClientState.create or `fedhydra simulate`/`deploy`")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise StateError(f"{meta_path} is not valid JSON ({exc})") from exc
+        if meta.get("format") != FORMAT:
+            raise StateError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        self.task: Task = get_task(meta["task"])
+        self.roles: dict[str, str] = dict(meta["users"])
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, folder: str | os.PathLike, task: Task, users: list[User], role: str) -> "ClientState":
+        """A new state folder holding `users` (all with `role`), or the existing one if it holds exactly them."""
+        if role not in ROLES:
+            raise StateError(f"role {role!r} must be one of {ROLES}")
+        folder = Path(folder).expanduser()
+        roles = {check_user_id(u.id): role for u in users}
+        if (folder / "client.json").is_file():
+            state = cls(folder)
+            if state.task.name != task.name or state.roles != roles:
+                raise StateError(f"{folder} already holds other users or another task; use a fresh folder")
+            return state
+        for user in users:
+            _write_user(folder / "history" / f"{user.id}.json", user)
+        write_atomic(folder / "client.json",
+                     json.dumps({"format": FORMAT, "task": task.name, "users": roles}, indent=1) + "\n")
+        return cls(folder)
+
+    # ------------------------------------------------------------------ users and history
+    def user_ids(self, role: str | None = None) -> list[str]:
+        return [u for u, r in self.roles.items() if role is None or r == role]
+
+    def user(self, user_id: str) -> User:
+        if user_id not in self.roles:
+            raise StateError(f"user {user_id!r} is not held by the client at {self.folder}")
+        path = self.folder / "history" / f"{user_id}.json"
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StateError(f"cannot read {path}: {exc}") from exc
+        return User(id=raw["id"], input=raw["input"], profile=raw["profile"], gold=raw.get("gold"))
+
+    def users(self, role: str | None = None) -> list[User]:
+        return [self.user(u) for u in self.user_ids(role)]
+
+    def add_history(self, user_id: str, items: list[dict]) -> User:
+        """Append profile items (each with the task's fields; an "id" is made when absent); atomic."""
+        user = self.user(user_id)
+        fields = PROFILE_FIELDS[self.task.name]
+        known = {str(i["id"]) for i in user.profile}
+        added = []
+        for n, item in enumerate(items):
+            missing = [f for f in fields if not isinstance(item.get(f), str) or not item[f].strip()]
+            if missing:
+                raise StateError(f"history item {n} for user {user_id!r} lacks text field(s) {missing}")
+            item = {"id": str(item.get("id") or f"{user_id}-h{len(user.profile) + len(added)}"),
+                    **{f: item[f] for f in fields}}
+            if item["id"] in known:
+                raise StateError(f"history item id {item['id']!r} already exists for user {user_id!r}")
+            known.add(item["id"])
+            added.append(item)
+        user.profile = user.profile + added
+        _write_user(self.folder / "history" / f"{user_id}.json", user)
+        return user
+
+    # ------------------------------------------------------------------ models, labels, LLM cache
+    def model_path(self, module: str) -> Path:
+        if module not in MODULES:
+            raise StateError(f"unknown module {module!r}; modules: {MODULES}")
+        return self.folder / "models" / f"{module}.safetensors"
+
+    def has_models(self) -> bool:
+        return all(self.model_path(m).is_file() for m in MODULES)
+
+    def load_models(self, device: str | None = None, encoder: str | None = None) -> HydraModels | None:
+        """The saved reranker and adapter (base + heads), or None before the first save."""
+        if not self.has_models():
+            return None
+        reranker, adapter = (HydraScorer.load(self.model_path(m), device=device, encoder=encoder, cache_mb=128)
+                             for m in MODULES)
+        return HydraModels(reranker, adapter)
+
+    def save_models(self, models: HydraModels) -> None:
+        models.reranker.save(self.model_path("reranker"))
+        models.adapter.save(self.model_path("adapter"))
+
+    def config(self) -> HydraConfig | None:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            return None
+        return HydraConfig(**json.loads(path.read_text(encoding="utf-8")))
+
+    def save_config(self, cfg: HydraConfig) -> None:
+        write_atomic(self.folder / "config.json", json.dumps(cfg.as_dict(), indent=1) + "\n")
+
+    def labels(self, module: str, key: str) -> list[ScoredExample] | None:
+        """The cached examples of `module` if they were made under `key`, else None."""
+        path = self.folder / "labels" / f"{module}.json"
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("key") != key:
+            return None
+        return [ScoredExample(**r) for r in raw["examples"]]
+
+    def save_labels(self, module: str, key: str, examples: list[ScoredExample]) -> None:
+        self.model_path(module)  # validates the name
+        rows = [{"user_id": e.user_id, "query": e.query, "text": e.text, "label": e.label} for e in examples]
+        write_atomic(self.folder / "labels" / f"{module}.json",
+                     json.dumps({"key": key, "examples": rows}, ensure_ascii=False) + "\n")
+
+    @property
+    def llm_cache_dir(self) -> Path:
+        return self.folder / "llm-cache"
+
+    def __repr__(self) -> str:
+        return f"ClientState({str(self.folder)!r}, task={self.task.name}, users={len(self.roles)})"
+
+
+def _write_user(path: Path, user: User) -> None:
+    raw = {"id": user.id, "input": user.input, "gold": user.gold, "profile": user.profile}
+    write_atomic(path, json.dumps(raw, ensure_ascii=False) + "\n")
