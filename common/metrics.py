@@ -217,24 +217,76 @@ def _check_pairs(predictions: Sequence[str], golds: Sequence[str]) -> None:
         _check_text(f"gold at position {i}", g)
 
 
-def evaluate(task: Task | str, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
-    """The task's LaMP metrics (keys: `task.metrics`) of predictions against golds, paired by position."""
+def metric_stats(task: Task | str, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    """Additive sufficient statistics of the task's metrics: summing them over disjoint groups of
+    users (e.g. federated clients) and passing the sum to `metrics_from_stats` gives exactly the
+    metrics of all the users together (macro F1 and corpus BLEU included)."""
     task = _task(task)
     _check_pairs(predictions, golds)
-    n = len(predictions)
+    stats = {"n": float(len(predictions))}
     if task.kind == "classification":
-        gold_idx = [_gold_index(task, g, i) for i, g in enumerate(golds)]
-        pred_idx = [label_index(task, p) for p in predictions]
-        accuracy = sum(p == g for p, g in zip(pred_idx, gold_idx)) / n
-        return {"accuracy": accuracy, "f1": macro_f1(pred_idx, gold_idx, len(task.labels))}
+        for i, (p, g) in enumerate(zip(predictions, golds)):
+            gi, pi = _gold_index(task, g, i), label_index(task, p)
+            stats["correct"] = stats.get("correct", 0.0) + (pi == gi)
+            if pi == gi:
+                _add(stats, f"tp-{pi}", 1)
+            else:
+                if pi >= 0:
+                    _add(stats, f"fp-{pi}", 1)
+                _add(stats, f"fn-{gi}", 1)
+        return stats
     if task.kind == "rating":
-        pairs = [_rating_pair(p, g, i) for i, (p, g) in enumerate(zip(predictions, golds))]
-        mae = sum(abs(x - y) for x, y in pairs) / n
-        rmse = math.sqrt(sum((x - y) ** 2 for x, y in pairs) / n)
-        return {"mae": mae, "rmse": rmse}
-    r1_sum = rl_sum = 0.0
+        for i, (p, g) in enumerate(zip(predictions, golds)):
+            x, y = _rating_pair(p, g, i)
+            _add(stats, "abs-error", abs(x - y))
+            _add(stats, "squared-error", (x - y) ** 2)
+        return stats
     for p, g in zip(predictions, golds):
         r1, rl = rouge_pair(p, g)
-        r1_sum += r1
-        rl_sum += rl
-    return {"rouge-1": r1_sum / n, "rouge-L": rl_sum / n, "bleu": corpus_bleu(predictions, golds)}
+        _add(stats, "rouge-1", r1)
+        _add(stats, "rouge-L", rl)
+    import sacrebleu
+
+    bleu = sacrebleu.corpus_bleu([p.strip() for p in predictions], [[g.strip() for g in golds]])
+    for n, (c, t) in enumerate(zip(bleu.counts, bleu.totals)):
+        stats[f"bleu-correct-{n}"], stats[f"bleu-total-{n}"] = float(c), float(t)
+    stats["bleu-sys-len"], stats["bleu-ref-len"] = float(bleu.sys_len), float(bleu.ref_len)
+    return stats
+
+
+def _add(stats: dict[str, float], key: str, value: float) -> None:
+    stats[key] = stats.get(key, 0.0) + float(value)
+
+
+def add_stats(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a.keys() | b.keys()}
+
+
+def metrics_from_stats(task: Task | str, stats: dict[str, float]) -> dict[str, float]:
+    """The task's LaMP metrics from (summed) `metric_stats`."""
+    task = _task(task)
+    n = stats.get("n", 0.0)
+    if n <= 0:
+        raise ValueError("no predictions to evaluate: the statistics cover 0 users")
+    if task.kind == "classification":
+        f1 = []
+        for i in range(len(task.labels)):
+            t, a, b = (stats.get(f"{k}-{i}", 0.0) for k in ("tp", "fp", "fn"))
+            f1.append(2 * t / (2 * t + a + b) if (2 * t + a + b) else 0.0)
+        return {"accuracy": stats.get("correct", 0.0) / n, "f1": sum(f1) / len(task.labels)}
+    if task.kind == "rating":
+        return {"mae": stats["abs-error"] / n, "rmse": math.sqrt(stats["squared-error"] / n)}
+    from sacrebleu.metrics import BLEU
+
+    ref = BLEU()
+    bleu = BLEU.compute_bleu([int(stats[f"bleu-correct-{i}"]) for i in range(4)],
+                             [int(stats[f"bleu-total-{i}"]) for i in range(4)],
+                             int(stats["bleu-sys-len"]), int(stats["bleu-ref-len"]),
+                             smooth_method=ref.smooth_method, smooth_value=ref.smooth_value,
+                             effective_order=ref.effective_order)
+    return {"rouge-1": stats["rouge-1"] / n, "rouge-L": stats["rouge-L"] / n, "bleu": float(bleu.score)}
+
+
+def evaluate(task: Task | str, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    """The task's LaMP metrics (keys: `task.metrics`) of predictions against golds, paired by position."""
+    return metrics_from_stats(task, metric_stats(task, predictions, golds))

@@ -211,3 +211,29 @@ def test_bad_inputs_are_refused_clearly():
         evaluate("LaMP_9", ["x"], ["x"])
     with pytest.raises(ValueError, match="generation task"):
         normalize_label("LaMP_4", "a title")
+
+
+@pytest.mark.parametrize("task_name, preds, golds", [
+    ("LaMP_2M", ["sci-fi", "comedy]", "romance", "none", "action", "sci-fi"],
+     ["sci-fi", "comedy", "comedy", "action", "action", "romance"]),
+    ("LaMP_3", ["3", "5 stars", "no idea", "1", "2"], ["3", "4", "2", "1", "5"]),
+    ("LaMP_7", ["the cat sat on the mat", "hello world", "so tired today lol", "x"],
+     ["a cat sat on a mat", "hello there world", "i am so tired today", "y z"]),
+])
+def test_metric_stats_summed_over_groups_equal_the_metrics_of_all(task_name, preds, golds):
+    """Federated evaluation sums per-client statistics: the result must be the all-users metric, not a mean of means."""
+    from fedhydra.common.metrics import add_stats, metric_stats, metrics_from_stats
+
+    whole = evaluate(task_name, preds, golds)
+    parts = [metric_stats(task_name, preds[:1], golds[:1]), metric_stats(task_name, preds[1:3], golds[1:3]),
+             metric_stats(task_name, preds[3:], golds[3:])]
+    total = parts[0]
+    for p in parts[1:]:
+        total = add_stats(total, p)
+    merged = metrics_from_stats(task_name, total)
+    assert merged.keys() == whole.keys()
+    for k in whole:
+        assert merged[k] == pytest.approx(whole[k], abs=1e-9), k
+    # a mean of per-group metrics would differ here, which is why statistics are summed
+    mean_of_parts = sum(metrics_from_stats(task_name, p)[list(whole)[0]] for p in parts) / len(parts)
+    assert mean_of_parts != pytest.approx(whole[list(whole)[0]], abs=1e-6)
