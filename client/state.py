@@ -101,8 +101,10 @@ class ClientState:
     def users(self, role: str | None = None) -> list[User]:
         return [self.user(u) for u in self.user_ids(role)]
 
-    def add_history(self, user_id: str, items: list[dict]) -> User:
-        """Append profile items (each with the task's fields; an "id" is made when absent); atomic."""
+    def add_history(self, user_id: str, items: list[dict], durable: bool = False) -> User:
+        """Append profile items (each with the task's fields; an "id" is made when absent); atomic.
+        durable=True also flushes the file to disk before returning (the gRPC service acknowledges
+        an append only then, so it survives a crash, not just a clean exit)."""
         user = self.user(user_id)
         fields = PROFILE_FIELDS[self.task.name]
         known = {str(i["id"]) for i in user.profile}
@@ -118,7 +120,10 @@ class ClientState:
             known.add(item["id"])
             added.append(item)
         user.profile = user.profile + added
-        _write_user(self.folder / "history" / f"{user_id}.json", user)
+        path = self.folder / "history" / f"{user_id}.json"
+        _write_user(path, user)
+        if durable:
+            _fsync(path)
         return user
 
     # ------------------------------------------------------------------ models, labels, LLM cache
@@ -178,3 +183,13 @@ class ClientState:
 def _write_user(path: Path, user: User) -> None:
     raw = {"id": user.id, "input": user.input, "gold": user.gold, "profile": user.profile}
     write_atomic(path, json.dumps(raw, ensure_ascii=False) + "\n")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file written by write_atomic and its folder entry (the rename) to disk."""
+    for target in (path, path.parent):
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-remote", action="store_true", help="allow binding an address other than loopback")
     srv.set_defaults(func=_cmd_llm_serve)
 
+    from fedhydra.client.service_cli import add_client_commands  # `fedhydra client serve|ask|...`
+
+    add_client_commands(sub)
+
     from fedhydra.server.deploy import add_deploy_command  # `fedhydra deploy`: SuperLink + SuperNodes on loopback
 
     add_deploy_command(sub)
