@@ -250,6 +250,11 @@ class Deployment:
             if not self.superlink.alive():
                 raise DeployError(f"flower-superlink exited ({self.superlink.popen.returncode}); "
                                   f"log {self.superlink.log}:\n{self.superlink.tail()}")
+            try:  # a cheap TCP probe first: each `flwr` call costs about a second of CPU
+                socket.create_connection((self.host, self.port), timeout=2).close()
+            except OSError:
+                time.sleep(0.5)
+                continue
             if self.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=30).returncode == 0:
                 self.log(f"SuperLink up on {self.address} ({'insecure' if self.insecure else 'TLS, node auth on'})")
                 return self.superlink
@@ -277,8 +282,9 @@ class Deployment:
         return node_id
 
     def start_supernode(self, name: str, state: str | os.PathLike, port: int | None = None,
-                        register: bool = True, node_config: dict | None = None) -> Proc:
-        """Start SuperNode `name` for the client state folder `state` (registered first unless told not to)."""
+                        register: bool = True, node_config: dict | None = None, auth_key: bool = True) -> Proc:
+        """Start SuperNode `name` for the client state folder `state` (registered first unless told not to;
+        `auth_key=False` starts it without a key, which an authenticating SuperLink refuses)."""
         state = Path(state).expanduser().resolve()
         if port is None:
             port = self.node_state[name][1] if name in self.node_state else free_port(self.host)
@@ -291,8 +297,9 @@ class Deployment:
         else:
             if register:
                 self.register(name)
-            cmd += ["--root-certificates", str(self.server_certs.ca_cert),
-                    "--auth-supernode-private-key", str(self.node_key(name).private)]
+            cmd += ["--root-certificates", str(self.server_certs.ca_cert)]
+            if auth_key:
+                cmd += ["--auth-supernode-private-key", str(self.node_key(name).private)]
         proc = self._spawn(name, cmd, self.workdir / "flwr-home" / name)
         self.nodes[name] = proc
         return proc
@@ -327,7 +334,7 @@ class Deployment:
                 return
             if time.monotonic() > deadline:
                 raise DeployError(f"SuperNodes {sorted(set(names) - up)} did not connect within {timeout:.0f}s")
-            time.sleep(1.0)
+            time.sleep(2.0)
 
     # ------------------------------------------------------------ the run
     def run(self, app_dir: str | os.PathLike, run_config: dict | None = None, timeout: float | None = None,
@@ -506,7 +513,10 @@ def deploy_command(args: argparse.Namespace) -> dict:
     def _on_term(signum, frame):  # make `finally` run on SIGTERM as on Ctrl-C
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        signal.signal(signal.SIGTERM, _on_term)
+    except ValueError:  # not the main thread: the caller handles signals
+        previous = None
     try:
         with deployment:
             if args.insecure:
@@ -525,7 +535,8 @@ def deploy_command(args: argparse.Namespace) -> dict:
             echo = (lambda line: print(line, flush=True)) if not args.quiet else None
             info = deployment.run(app, timeout=args.timeout, echo=echo)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     status = info.get("status", "unknown")
     summary = {"run-id": info.get("run-id"), "status": status, "wall-s": round(time.monotonic() - t0, 1),
                "run-wall-s": info.get("wall-s"), "network-traffic": info.get("network-traffic"),

@@ -1,0 +1,77 @@
+"""Fast checks of what `fedhydra deploy` generates, without starting Flower processes:
+the CA / SuperLink certificate / SuperNode keys, and the Flower app folder that `flwr run` packages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import tomllib
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedhydra.server.certs import ensure_node_key, ensure_server_certs
+from fedhydra.server.deploy import CLIENTAPP, SERVERAPP, Proc, _parse_kv, server_defaults, write_app
+
+
+def test_certificates_verify_and_name_loopback(tmp_path):
+    certs = ensure_server_certs(tmp_path)
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1"}
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert os.stat(certs.server_key).st_mode & 0o077 == 0 and os.stat(tmp_path / "ca.key").st_mode & 0o077 == 0
+    # Reused, not regenerated.
+    before = certs.server_cert.read_bytes()
+    assert ensure_server_certs(tmp_path).server_cert.read_bytes() == before
+
+
+def test_node_keys_load_as_flower_expects(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    key = ensure_node_key(tmp_path, "node-0")
+    private = load_ssh_private_key(key.private.read_bytes(), None)  # what flower-supernode does
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert try_load_public_key(key.public)  # what `flwr supernode register` does
+    assert ensure_node_key(tmp_path, "node-0").private.read_bytes() == key.private.read_bytes()
+    assert ensure_node_key(tmp_path, "node-1").public.read_bytes() != key.public.read_bytes()
+
+
+def test_app_folder_is_a_valid_flower_app(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import validate_config
+
+    config = {**server_defaults(), "rounds": 2, "out": str(tmp_path / "out dir"), "resume": True}
+    app = write_app(tmp_path / "app", config)
+    doc = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+    assert doc["tool"]["flwr"]["app"]["components"] == {"serverapp": SERVERAPP, "clientapp": CLIENTAPP}
+    assert doc["tool"]["flwr"]["app"]["config"]["out"] == str(tmp_path / "out dir")
+    ok, errors, _warnings = validate_config(doc, check_module=True, project_dir=app)
+    assert ok, errors
+    assert build_fab_from_disk(app)  # what `flwr run` packages: pyproject.toml only
+
+
+def test_run_config_values_parse_as_toml():
+    assert _parse_kv(["train-layers=1", "lr=0.5", "resume=true", 'out="/a b"', "llm=openai"]) == {
+        "train-layers": 1, "lr": 0.5, "resume": True, "out": "/a b", "llm": "openai"}
+
+
+def test_stop_ends_the_whole_process_tree(tmp_path):
+    # A child that starts its own session (as Flower's SuperExec does) must be stopped too.
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "start_new_session=True); time.sleep(60)")
+    popen = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    proc = Proc("t", popen, tmp_path / "log", {popen.pid})
+    time.sleep(1.0)
+    from fedhydra.server.deploy import _proc_table, _tree
+
+    tree = _tree({popen.pid}, {popen.pid})
+    assert len(tree) == 2
+    proc.stop(grace=5)
+    assert not set(tree) & set(_proc_table())
