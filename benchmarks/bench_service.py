@@ -50,21 +50,23 @@ def build_state(folder: Path, users: int, preset: str):
     return state, cfg
 
 
-def timed_round(client, queries) -> tuple[list[float], list[float], int]:
-    walls, server, calls = [], [], 0
+def timed_round(client, queries) -> tuple[list[float], list[float], int, int]:
+    walls, server, calls, prompt_tokens = [], [], 0, 0
     for uid, text in queries:
         start = time.perf_counter()
         got = client.personalize(uid, text)
         walls.append((time.perf_counter() - start) * 1000)
         server.append(got.elapsed_ms)
         calls += got.llm["calls"]
-    return walls, server, calls
+        prompt_tokens += got.llm["prompt_tokens"]
+    return walls, server, calls, prompt_tokens
 
 
-def line(name: str, walls: list[float], server: list[float], calls: int) -> str:
+def line(name: str, walls: list[float], server: list[float], calls: int, prompt_tokens: int) -> str:
+    per_call = f", {prompt_tokens / calls:.0f} prompt tokens each" if calls else ""
     return (f"{name}: n={len(walls)}  p50 {percentile(walls, 50):.0f} ms  p95 {percentile(walls, 95):.0f} ms  "
             f"mean {statistics.fmean(walls):.0f} ms  (server-side p50 {percentile(server, 50):.0f} ms; "
-            f"{calls} LLM model calls)")
+            f"{calls} LLM model calls{per_call})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                 client.status()  # connect before timing
                 cold = timed_round(client, queries)
                 print(line("Personalize, cold LLM cache (embedded LLM generates)", *cold), flush=True)
-                walls, server_ms, calls = [], [], 0
-                for _ in range(args.warm_rounds):
-                    w, s, c = timed_round(client, queries)
-                    walls, server_ms, calls = walls + w, server_ms + s, calls + c
-                print(line("Personalize, warm LLM cache", walls, server_ms, calls))
+                warm = [timed_round(client, queries) for _ in range(args.warm_rounds)]
+                walls = [w for r in warm for w in r[0]]
+                server_ms = [ms for r in warm for ms in r[1]]
+                print(line("Personalize, warm LLM cache", walls, server_ms, sum(r[2] for r in warm),
+                           sum(r[3] for r in warm)))
         finally:
             server.stop(grace=1)
     return 0
