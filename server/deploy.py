@@ -46,7 +46,6 @@ FLWR_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
-EXIT_CONNECTION_ERROR = 305  # flower-supernode: "Failed to initialize the connection to the SuperLink"
 
 
 class DeployError(RuntimeError):

@@ -1,0 +1,178 @@
+"""Deployment end to end on loopback: real `flower-superlink` / `flower-supernode` processes with TLS
+and SuperNode authentication, running the real FedHydra ServerApp and ClientApp on tiny synthetic data.
+
+1. `fedhydra deploy` (the command): SuperLink + 2 SuperNodes with TLS complete 2 rounds.
+2. A SuperNode whose key was not registered (or that has no key) is refused by the SuperLink.
+3. A SuperNode killed mid-round does not stop the run: that round completes with the other node,
+   the killed node is restarted (same key, same state folder) and is back for the next round,
+   as in Flower's own e2e test_reconnection.
+
+Select with `pytest -m deploy`; each test is a few minutes of CPU-bound ClientApp work on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import LLM_UNAVAILABLE
+
+pytestmark = [
+    pytest.mark.deploy,
+    pytest.mark.llm,
+    pytest.mark.skipif(bool(LLM_UNAVAILABLE), reason=f"embedded LLM unavailable: {LLM_UNAVAILABLE}"),
+]
+
+# The smallest HYDRA that still trains both modules: 1 pseudo-query per user, M=2, k=1, B=2,
+# one trainable encoder layer; rounds=1 per module = 2 FedAvg rounds (reranker, then adapter).
+TINY = ["--rounds", "1", "--pseudo-queries", "1", "--retrieve", "2", "--k", "1", "--candidates", "2",
+        "--run-config", "train-layers=1"]
+TINY_CONFIG = {"rounds": 1, "pseudo-queries": 1, "retrieve": 2, "k": 1, "candidates": 2, "train-layers": 1}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One CA + node keys and one set of client state folders for the whole module (labels and LLM
+    answers cached in the state folders make the later runs cheaper)."""
+    root = tmp_path_factory.mktemp("deploy")
+    return {"root": root, "certs": root / "certs", "states": root / "clients"}
+
+
+def _rounds(out: Path) -> list[dict]:
+    doc = json.loads((out / "federated.json").read_text(encoding="utf-8"))
+    return doc["rounds"]
+
+
+def test_deploy_command_tls_two_nodes_two_rounds(shared):
+    out, work = shared["root"] / "out-cli", shared["root"] / "work-cli"
+    cmd = [sys.executable, "-m", "fedhydra.common.cli", "deploy", "--clients", "2", "--test-clients", "0",
+           *TINY, "--out", str(out), "--workdir", str(work), "--certs", str(shared["certs"]),
+           "--state-root", str(shared["states"]), "--timeout", "420", "--quiet"]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=480, stdin=subprocess.DEVNULL)
+    wall = time.monotonic() - t0
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert "TLS, node auth on" in res.stdout
+    summary = json.loads((work / "deploy.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "finished:completed"
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2] and [r["module"] for r in rounds] == ["reranker", "adapter"]
+    for r in rounds:
+        assert r["clients"] == 2 and len(r["bytes"]) == 2, r
+        assert all(b["up"] > 0 and b["down"] > 0 for b in r["bytes"].values())
+    # Every process the command started is gone (it runs each in its own session).
+    logs = work / "logs"
+    assert (logs / "superlink.log").is_file() and (logs / "node-0.log").is_file()
+    print(f"\nfedhydra deploy, 2 SuperNodes, 2 rounds: {wall:.0f} s wall, run {summary['run-wall-s']} s, "
+          f"round seconds {[r['seconds'] for r in rounds]}")
+
+
+@pytest.fixture(scope="module")
+def link(shared):
+    """A TLS SuperLink with SuperNode authentication, shared by the remaining tests."""
+    from fedhydra.server.deploy import Deployment
+
+    dep = Deployment(shared["root"] / "work-link", certs=shared["certs"], log=lambda *_: None)
+    try:
+        dep.start_superlink()
+        yield dep
+    finally:
+        dep.stop()
+
+
+def test_superlink_speaks_only_tls(link):
+    ctx = ssl.create_default_context(cafile=str(link.server_certs.ca_cert))
+    with socket.create_connection((link.host, link.port), timeout=10) as sock:
+        with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            assert tls.version().startswith("TLS")
+    with socket.create_connection((link.host, link.port), timeout=10) as sock:  # plain HTTP gets no HTTP answer
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.settimeout(10)
+        try:
+            answer = sock.recv(100)
+        except (ConnectionResetError, socket.timeout):
+            answer = b""
+        assert not answer.startswith(b"HTTP/")
+
+
+def test_unregistered_supernodes_are_refused(link, shared, tmp_path):
+    state = tmp_path / "intruder-state"
+    state.mkdir()
+    # A key the SuperLink never saw, and no key at all (a SuperNode may not register itself).
+    unregistered = link.start_supernode("intruder", state, register=False)
+    keyless = link.start_supernode("keyless", state, register=False, auth_key=False)
+    for proc in (unregistered, keyless):
+        proc.popen.wait(timeout=90)
+        assert proc.popen.returncode != 0, proc.tail()
+        log = proc.tail(40)  # Flower's exit code 305: SUPERNODE_CONNECTION_ERROR (the process exits with 1)
+        assert "Exit Code: 305" in log and "Failed to initialize the connection to the SuperLink" in log, log
+    assert "Failed to activate SuperNode" in unregistered.tail(40)
+    assert "[code: 2001]" in keyless.tail(40) and "must be registered" in keyless.tail(40)
+    # Registered nodes only: the SuperLink lists none of them.
+    res = link.flwr("supernode", "ls", "deploy", "--format", "json")
+    listed = json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
+    assert {str(n["node-id"]) for n in listed} <= set(link.registered.values())
+
+
+def _count(path: Path, text: str) -> int:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").count(text)
+    except OSError:
+        return 0
+
+
+def test_supernode_killed_mid_round_does_not_stop_the_run(link, shared, tmp_path):
+    from fedhydra.common.data import split_users
+    from fedhydra.common.synthetic import make_synthetic
+    from fedhydra.server.deploy import server_defaults, write_app
+    from fedhydra.simulations.partition import prepare_clients
+
+    # The same users and folders `fedhydra deploy --clients 2 --test-clients 0 --seed 0` made above.
+    split = make_synthetic("LaMP_2M", n_users=2, seed=0)
+    train, _ = split_users(split.users, 2, 0, 0)
+    specs = prepare_clients(shared["states"], split.task, train, [], users_per_client=1, by="id", seed=0)
+    names = []
+    for spec in specs:
+        name = f"node-{spec.index}"
+        link.start_supernode(name, spec.state, node_config={"threads": 1, "llm-threads": 1})
+        names.append(name)
+    link.wait_online(names)
+
+    out = tmp_path / "out"
+    config = {**server_defaults(), **TINY_CONFIG, "task": "LaMP_2M", "min-nodes": 2, "out": str(out),
+              "round-timeout": 300.0}
+    app = write_app(tmp_path / "app", config)
+    victim = link.nodes["node-1"]
+    seen = _count(victim.log, "Start `flwr-clientapp` process")
+
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(link.run(app, timeout=420)), daemon=True)
+    runner.start()
+    # The node's first ClientApp of this run is the "which users" query, its second the round-1 training.
+    deadline = time.monotonic() + 240
+    while _count(victim.log, "Start `flwr-clientapp` process") < seen + 2:
+        assert time.monotonic() < deadline, "round 1 never reached node-1"
+        assert runner.is_alive(), result
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the round: node-1's ClientApp is importing/training
+    victim.stop()  # SIGTERM to the SuperNode and its whole process tree (SuperExec, ClientApp)
+    assert not victim.alive()
+    time.sleep(2.0)
+    link.restart_supernode("node-1")  # same key, same state folder, same port
+    runner.join(timeout=480)
+    assert not runner.is_alive(), "run did not finish"
+    assert result.get("status") == "finished:completed", result
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["clients"] == 1, rounds[0]  # round 1 completed with the node that stayed
+    assert rounds[1]["clients"] == 2, rounds[1]  # node-1 reconnected and trained in round 2
+    assert link.registered["node-1"] in link.online_nodes()
+    print(f"\nkill mid-round: run {result.get('wall-s')} s, round seconds {[r['seconds'] for r in rounds]}")
