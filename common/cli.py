@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_client_commands(sub)
 
+    from fedhydra.simulations.simulate import add_simulate_command
+
+    add_simulate_command(sub)
+
     from fedhydra.server.deploy import add_deploy_command  # `fedhydra deploy`: SuperLink + SuperNodes on loopback
 
     add_deploy_command(sub)

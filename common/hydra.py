@@ -82,3 +82,36 @@ def fit(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hydra
         report[which]["positives"] = sum(e.label for e in examples)
         model.clear_cache()
     return report
+
+
+# ---------------------------------------------------------------- what federation moves
+MODULES = ("reranker", "adapter")
+
+
+def shared_arrays(models: HydraModels, modules: tuple[str, ...] = MODULES) -> dict[str, torch.Tensor]:
+    """The shared part of `modules`, keyed "<module>/base/<param>" and "<module>/default-head/<param>":
+    the trainable base layers, and the default head, which like the base is trained on every
+    training user and serves users without a head of their own. No user's head is ever included."""
+    out = {}
+    for name in modules:
+        model = getattr(models, name)
+        out |= {f"{name}/base/{k}": v for k, v in model.shared_state().items()}
+        out |= {f"{name}/default-head/{k}": v for k, v in model.default_head_state().items()}
+    return out
+
+
+def load_shared_arrays(models: HydraModels, arrays: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """Load what shared_arrays() made (any subset of modules); returns the modules it held.
+    Any other key is an error: a payload must carry exactly these parameters."""
+    by_module: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, value in arrays.items():
+        parts = key.split("/", 2)
+        if len(parts) != 3 or parts[0] not in MODULES or parts[1] not in ("base", "default-head"):
+            raise ValueError(f"unexpected array {key!r} in a shared payload")
+        module, part, param = parts
+        by_module.setdefault(module, {}).setdefault(part, {})[param] = value
+    for module, parts in by_module.items():
+        model = getattr(models, module)
+        model.load_shared_state(parts.get("base", {}))
+        model.load_default_head_state(parts.get("default-head", {}))
+    return tuple(m for m in MODULES if m in by_module)

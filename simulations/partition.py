@@ -13,7 +13,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhydra.client.state import ClientState
 from fedhydra.common.records import User
 from fedhydra.common.tasks import Task
 
@@ -47,6 +46,8 @@ def partition_users(users: list[User], users_per_client: int = 1, by: str = "id"
 def prepare_clients(root: str | os.PathLike, task: Task, train_users: list[User], test_users: list[User],
                     users_per_client: int = 1, by: str = "id", seed: int = 0) -> list[ClientSpec]:
     """State folders `root/client-<i>` for the train clients, then the test clients (reused if they exist)."""
+    from fedhydra.client.state import ClientState  # torch-heavy; keeps `fedhydra --help` fast
+
     overlap = {u.id for u in train_users} & {u.id for u in test_users}
     if overlap:
         raise ValueError(f"train and test users overlap: {sorted(overlap)[:5]}")

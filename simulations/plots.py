@@ -1,0 +1,57 @@
+"""PNG plots of a federated run: training loss per round, and bytes per client per round."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_rounds(rounds: list[dict], out: str | os.PathLike, title: str) -> list[Path]:
+    """rounds: federated.json's "rounds"; writes rounds-loss.png and rounds-bytes.png into `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    xs = [r["round"] for r in rounds]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for module, marker in (("reranker", "o"), ("adapter", "s")):
+        pts = [(r["round"], r["loss"]) for r in rounds if r["module"] == module]
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=f"{module} train loss")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean client training loss")
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, out / "rounds-loss.png")
+    plt.close(fig)
+    paths.append(out / "rounds-loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    up = [sum(b["up"] for b in r["bytes"].values()) / max(1, len(r["bytes"])) / 1e6 for r in rounds]
+    down = [sum(b["down"] for b in r["bytes"].values()) / max(1, len(r["bytes"])) / 1e6 for r in rounds]
+    ax.bar([x - 0.2 for x in xs], down, width=0.4, label="down (server to client)")
+    ax.bar([x + 0.2 for x in xs], up, width=0.4, label="up (client to server)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB per client")
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, out / "rounds-bytes.png")
+    plt.close(fig)
+    paths.append(out / "rounds-bytes.png")
+    return paths
