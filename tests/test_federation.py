@@ -22,7 +22,8 @@ from conftest import LLM_UNAVAILABLE
 
 pytestmark = [pytest.mark.llm, pytest.mark.skipif(bool(LLM_UNAVAILABLE), reason=f"embedded LLM: {LLM_UNAVAILABLE}")]
 
-SIZES = {"rounds": 2, "local-epochs": 1, "pseudo-queries": 2, "candidates": 2, "min-nodes": 1, "preset": "cpu",
+SIZES = {"rounds": 2, "local-epochs": 1, "pseudo-queries": 1, "retrieve": 2, "k": 1, "candidates": 2, "train-layers": 1,
+         "min-nodes": 1, "preset": "cpu",
          "seed": 0, "llm": "embedded", "llm-base-url": "", "llm-model": "", "resume": False, "stop-after-round": 0}
 
 
