@@ -18,7 +18,6 @@ def _cmd_serve(args) -> None:
     import logging
 
     from fedhydra.common.cli import llm_from_args
-    from fedhydra.common.llm import make_llm
 
     from .personalizer import Limits, Personalizer
     from .service import TLS, serve_forever, start_server
@@ -34,12 +33,8 @@ def _cmd_serve(args) -> None:
         tls = TLS(cert=_read(args.tls_cert), key=_read(args.tls_key),
                   client_ca=_read(args.tls_client_ca) if args.tls_client_ca else None)
     token = read_token(args.token_file)
-    if args.llm == "embedded":  # the client's own cache folder unless --cache-dir says otherwise
-        llm = make_llm("embedded", model=args.llm_model, cache_dir=args.cache_dir or state.llm_cache_dir,
-                       n_threads=args.llm_threads)
-    else:
-        args.cache_dir = args.cache_dir or str(state.llm_cache_dir)
-        llm = llm_from_args(args)
+    args.cache_dir = args.cache_dir or str(state.llm_cache_dir)  # the client's own cache unless told otherwise
+    llm = llm_from_args(args)
     limits = Limits(max_input_chars=args.max_input_chars, max_items=args.max_items,
                     max_message_bytes=args.max_request_bytes)
     core = Personalizer(state, llm, limits=limits, device=args.device)
@@ -182,7 +177,6 @@ def add_client_commands(sub) -> None:
                    help="seconds running calls get to finish on shutdown (default 10)")
     s.add_argument("--device", default=None, help="torch device for the scorers (default: cuda if present, else cpu)")
     add_llm_options(s)
-    s.add_argument("--llm-threads", type=int, default=2, help="CPU threads of the embedded LLM (default 2)")
     s.set_defaults(func=_cmd_serve)
 
     a = actions.add_parser("ask", help="get a personalized answer from a running service",

@@ -78,7 +78,7 @@ def test_deploy_command_tls_two_nodes_two_rounds(shared):
 @pytest.fixture(scope="module")
 def link(shared):
     """A TLS SuperLink with SuperNode authentication, shared by the remaining tests."""
-    from fedhydra.server.deploy import Deployment
+    from fedhydra.server.deployment import Deployment
 
     dep = Deployment(shared["root"] / "work-link", certs=shared["certs"], log=lambda *_: None)
     try:
@@ -132,7 +132,8 @@ def _count(path: Path, text: str) -> int:
 def test_supernode_killed_mid_round_does_not_stop_the_run(link, shared, tmp_path):
     from fedhydra.common.data import split_users
     from fedhydra.common.synthetic import make_synthetic
-    from fedhydra.server.deploy import server_defaults, write_app
+    from fedhydra.server.deploy import server_defaults
+    from fedhydra.server.deployment import write_app
     from fedhydra.simulations.partition import prepare_clients
 
     # The same users and folders `fedhydra deploy --clients 2 --test-clients 0 --seed 0` made above.

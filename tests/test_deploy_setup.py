@@ -13,7 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedhydra.server.certs import ensure_node_key, ensure_server_certs
-from fedhydra.server.deploy import CLIENTAPP, SERVERAPP, Proc, _parse_kv, server_defaults, write_app
+from fedhydra.server.deploy import _parse_kv, server_defaults
+from fedhydra.server.deployment import CLIENTAPP, SERVERAPP, write_app
+from fedhydra.server.processes import Proc
 
 
 def test_certificates_verify_and_name_loopback(tmp_path):
@@ -69,7 +71,7 @@ def test_stop_ends_the_whole_process_tree(tmp_path):
     popen = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     proc = Proc("t", popen, tmp_path / "log", {popen.pid})
     time.sleep(1.0)
-    from fedhydra.server.deploy import _proc_table, _tree
+    from fedhydra.server.processes import _proc_table, _tree
 
     tree = _tree({popen.pid}, {popen.pid})
     assert len(tree) == 2
