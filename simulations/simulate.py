@@ -54,7 +54,10 @@ def add_simulate_command(sub) -> None:
                                                                 " (rag-K for any K)")
     p.add_argument("--preset", default="cpu", choices=("cpu", "paper"), help="HYDRA sizes (default cpu)")
     p.add_argument("--pseudo-queries", type=int, default=0, help="override the preset's pseudo-queries per user")
+    p.add_argument("--retrieve", type=int, default=0, help="override the preset's M (items BM25 gives the reranker)")
+    p.add_argument("--k", type=int, default=0, help="override the preset's k (items in the prompt)")
     p.add_argument("--candidates", type=int, default=0, help="override the preset's B")
+    p.add_argument("--train-layers", type=int, default=0, help="override the trainable (shared) top encoder layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parallel", type=int, default=0,
                    help="clients trained at once (default: one per CPU core; each loads its own LLM and encoders)")
@@ -69,7 +72,8 @@ def fed_settings(args: argparse.Namespace, task: Task, out: Path, cache_dir: Pat
     """The run config the ServerApp and the ClientApps get (server/settings.py)."""
     return {"task": task.name, "rounds": args.rounds, "local-epochs": args.local_epochs,
             "clients-per-round": args.clients_per_round, "min-nodes": 1, "preset": args.preset,
-            "pseudo-queries": args.pseudo_queries, "candidates": args.candidates, "seed": args.seed,
+            "pseudo-queries": args.pseudo_queries, "retrieve": args.retrieve, "k": args.k,
+            "candidates": args.candidates, "train-layers": args.train_layers, "seed": args.seed,
             "llm": args.llm, "llm-base-url": args.llm_base_url or "", "llm-model": args.llm_model or "",
             "out": str(out / "federated"), "resume": args.resume, "stop-after-round": args.stop_after_round,
             "state-root": str((out / "clients").resolve()), "llm-shared-cache": str(cache_dir.resolve())}

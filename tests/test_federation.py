@@ -3,6 +3,7 @@ nothing private leaves a client, and a stopped-then-resumed run ends where an un
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -14,18 +15,13 @@ from safetensors.torch import load_file
 from fedhydra.client.state import ClientState
 from fedhydra.common.config import get_config
 from fedhydra.common.hydra import HydraModels, shared_arrays
-from fedhydra.common.synthetic import make_synthetic
-from fedhydra.simulations.partition import prepare_clients
-from fedhydra.simulations.simulate import run_federated
+from fedhydra.common.data import load_split
+from fedhydra.common.synthetic import write_synthetic
+from fedhydra.simulations.simulate import simulate_command
 
 from conftest import LLM_UNAVAILABLE
 
 pytestmark = [pytest.mark.llm, pytest.mark.skipif(bool(LLM_UNAVAILABLE), reason=f"embedded LLM: {LLM_UNAVAILABLE}")]
-
-SIZES = {"rounds": 2, "local-epochs": 1, "pseudo-queries": 1, "retrieve": 2, "k": 1, "candidates": 2, "train-layers": 1,
-         "min-nodes": 1, "preset": "cpu",
-         "seed": 0, "llm": "embedded", "llm-base-url": "", "llm-model": "", "resume": False, "stop-after-round": 0}
-
 
 def record_replies(folder: str):
     """A Flower mod that writes every reply the client sends (all records, all values) to `folder`."""
@@ -57,39 +53,64 @@ def record_replies(folder: str):
 
 
 @pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    users = make_synthetic("LaMP_2M", n_users=5, seed=3).users
-    return users[:3], users[3:4]  # 3 train clients, 1 test client (one user each)
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fed-data")
+    write_synthetic(folder, task="LaMP_2M", n_users=4, seed=3)
+    return folder
 
 
-def _run(root: Path, split, cache: Path, recorder: str | None = None, **overrides) -> dict:
+def _simulate(data: Path, out: Path, cache: Path, recorder: str | None = None, methods: str = "hydra-fed",
+              **flags) -> Path:
+    """`fedhydra simulate` on 3 train clients + 1 test client, tiny sizes, 2 rounds per module."""
     from fedhydra.client import client_app
 
-    train_users, test_users = split
-    specs = prepare_clients(root / "clients", make_synthetic("LaMP_2M", n_users=1).task, train_users, test_users)
-    settings = {**SIZES, "task": "LaMP_2M", "clients-per-round": 0, "out": str(root / "federated"),
-                "state-root": str((root / "clients").resolve()), "llm-shared-cache": str(cache), **overrides}
-    if recorder:  # the simulation builds its ClientApp through make_client_app: add the recorder there
-        original = client_app.make_client_app
+    args = argparse.Namespace(
+        task="LaMP_2M", data=str(data), clients=3, test_clients=1, users_per_client=1, partitioner="id", rounds=2,
+        local_epochs=1, clients_per_round=0, methods=methods, preset="cpu", pseudo_queries=1, retrieve=2, k=1,
+        candidates=2, train_layers=1, seed=0, parallel=2, out=str(out), resume=False, stop_after_round=0,
+        llm="embedded", llm_base_url=None, llm_model=None, llm_threads=1, llm_api_key_env="OPENAI_API_KEY",
+        cache_dir=str(cache))
+    for k, v in flags.items():
+        setattr(args, k, v)
+    original = client_app.make_client_app
+    if recorder:  # the harness builds its ClientApp through make_client_app: add the recorder mod there
         client_app.make_client_app = lambda defaults, mods=None: original(defaults, mods=[record_replies(recorder)])
-        try:
-            return run_federated(specs, settings, parallel=2)
-        finally:
-            client_app.make_client_app = original
-    return run_federated(specs, settings, parallel=2)
+    try:
+        return simulate_command(args)
+    finally:
+        client_app.make_client_app = original
+
+
+def _federated(out: Path) -> dict:
+    return json.loads((out / "federated" / "federated.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, split):
-    root = tmp_path_factory.mktemp("fed-a")
+def uninterrupted(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("fed-a")
     cache = tmp_path_factory.getbasetemp() / "fed-llm-cache"
-    doc = _run(root, split, cache, recorder=str(root / "replies"))
-    return root, cache, doc
+    _simulate(data, out, cache, recorder=str(out / "replies"), methods="zero-shot,hydra-local,hydra-fed")
+    return out, cache
 
 
-def test_federated_run_completes_and_reports(uninterrupted, split):
-    root, _, doc = uninterrupted
+def _users(data: Path):
+    return load_split(data).users
+
+
+def test_simulate_writes_results_beside_the_baselines(uninterrupted):
+    out, _ = uninterrupted
+    doc = _federated(out)
     assert doc["status"] == "done"
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["zero-shot", "hydra-local", "hydra-fed"]
+    fed = results["methods"]["hydra-fed"]
+    assert fed["users"] == 1 and fed["metrics"] == doc["evaluation"]["metrics"]
+    assert (out / "rounds-loss.png").stat().st_size > 1000 and (out / "rounds-bytes.png").stat().st_size > 1000
+    assert "hydra-fed" in (out / "results.md").read_text()
+
+
+def test_rounds_train_the_reranker_then_the_adapter_within_the_upload_budget(uninterrupted):
+    doc = _federated(uninterrupted[0])
     assert [r["module"] for r in doc["rounds"]] == ["reranker", "reranker", "adapter", "adapter"]
     assert all(r["clients"] == 3 for r in doc["rounds"])
     ev = doc["evaluation"]
@@ -103,11 +124,11 @@ def test_federated_run_completes_and_reports(uninterrupted, split):
             assert b["down"] > b["up"]  # both modules go down, one comes back
 
 
-def test_nothing_private_leaves_a_client(uninterrupted, split):
-    root, _, _ = uninterrupted
+def test_nothing_private_leaves_a_client(uninterrupted, data):
+    root, _ = uninterrupted
     allowed = set(shared_arrays(HydraModels.new(get_config("cpu"))))
     private_texts = []
-    for user in split[0] + split[1]:
+    for user in _users(data):
         private_texts += [user.input, user.gold] + [v for item in user.profile for k, v in item.items() if k != "id"]
         private_texts.append(user.id)
     replies = [json.loads(p.read_text()) for p in sorted((root / "replies").glob("*.json"))]
@@ -129,12 +150,15 @@ def test_nothing_private_leaves_a_client(uninterrupted, split):
     assert all(not r["arrays"] for r in replies if r["type"] == "evaluate")
 
 
-def test_resume_after_stop_ends_where_an_uninterrupted_run_does(tmp_path, uninterrupted, split):
-    root_a, cache, doc_a = uninterrupted
-    stopped = _run(tmp_path, split, cache, **{"stop-after-round": 1})
+def test_resume_after_stop_ends_where_an_uninterrupted_run_does(tmp_path, uninterrupted, data):
+    root_a, cache = uninterrupted
+    doc_a = _federated(root_a)
+    _simulate(data, tmp_path, cache, stop_after_round=1)
+    stopped = _federated(tmp_path)
     assert stopped["status"] == "stopped after round 1" and len(stopped["rounds"]) == 1
     assert json.loads((tmp_path / "federated" / "checkpoint" / "progress.json").read_text())["round"] == 1
-    resumed = _run(tmp_path, split, cache, resume=True)
+    _simulate(data, tmp_path, cache, resume=True)
+    resumed = _federated(tmp_path)
     assert resumed["status"] == "done"
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
     a = load_file(str(root_a / "federated" / "checkpoint" / "shared-round-4.safetensors"))
