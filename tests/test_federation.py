@@ -23,9 +23,9 @@ from conftest import LLM_UNAVAILABLE
 
 pytestmark = [pytest.mark.llm, pytest.mark.skipif(bool(LLM_UNAVAILABLE), reason=f"embedded LLM: {LLM_UNAVAILABLE}")]
 
+
 def record_replies(folder: str):
     """A Flower mod that writes every reply the client sends (all records, all values) to `folder`."""
-
     import sys
 
     import ray.cloudpickle
