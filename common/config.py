@@ -22,6 +22,14 @@ class HydraConfig:
     include_train_queries: bool = True  # training users' own query + gold are training data too
     adapter_generation_labels: str = "gold"  # generation tasks: "gold" (reference code) or "above-mean"
     style: str | None = None  # prompt format (prompts.STYLES); None: the measured best per task
+    # Classification/rating only (LaMP-7 and the other generation tasks ignore both; 0 = HYDRA):
+    # profile items per user made into extra adapter queries whose candidates are the task's closed
+    # label set (the item's own label positive, every other label negative). They cost no LLM call,
+    # so the adapter learns the user's label habits from many queries instead of a few (labels.py).
+    adapter_label_queries: int = 0
+    # A temperature-1 candidate replaces the greedy answer only when its adapter score beats the
+    # greedy answer's by more than this, so a weak adapter cannot fall below greedy (pipeline.py).
+    adapter_margin: float = 0.0
     # model
     train_layers: int = 2
     head_layers: int = 2
@@ -40,6 +48,8 @@ class HydraConfig:
             raise ValueError(f"k={self.k} must be between 1 and retrieve (M)={self.retrieve}")
         if self.pseudo_queries < 1 or self.candidates < 1:
             raise ValueError("pseudo_queries and candidates must be at least 1")
+        if self.adapter_label_queries < 0 or not 0.0 <= self.adapter_margin < 1.0:
+            raise ValueError("adapter_label_queries must be >= 0 and adapter_margin in [0, 1)")
         if self.adapter_generation_labels not in ("gold", "above-mean"):
             raise ValueError("adapter_generation_labels must be 'gold' or 'above-mean'")
 
@@ -49,7 +59,7 @@ class HydraConfig:
 
 PRESETS: dict[str, HydraConfig] = {
     "paper": HydraConfig(),
-    "cpu": HydraConfig(pseudo_queries=3, retrieve=6, k=4, candidates=6, max_length=128,
+    "cpu": HydraConfig(pseudo_queries=3, retrieve=6, k=4, candidates=6, adapter_label_queries=12, max_length=128,
                        epochs=3, lr=5e-5, head_lr=1e-3, batch_size=32, preset="cpu"),
 }
 

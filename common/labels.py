@@ -13,6 +13,13 @@ never reach this module. A pseudo-query never retrieves the item it was made fro
   positive when it is right. Generation: the gold is the positive and the candidates are
   negatives, as the reference code does ("gold"), or candidates above the query's mean score
   are positives ("above-mean").
+- Adapter, label-set queries (classification/rating, `cfg.adapter_label_queries` > 0, not in
+  HYDRA): a task with a closed label set knows the truth of *every* label for a profile item,
+  so further items become adapter queries whose candidates are all the labels, the item's own
+  label positive (weighted to balance them) and the others negative. This costs no LLM call (a pseudo-query's candidates
+  cost B+1), so the per-user head sees the user's label habits over many items instead of a few
+  (the cpu preset's 3 pseudo-queries leave its scores nearly flat across candidates). It is the
+  classification analogue of HYDRA's generation labels, where the gold itself is a positive.
 
 LaMP-7 profile tweets have no input. Their pseudo-input is the LLM's greedy neutral rewrite of
 the tweet (NEUTRAL_PROMPT), which mirrors LaMP-7's real inputs (a neutral paraphrase of the
@@ -117,4 +124,24 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
             scores = [fmean(rouge_pair(c, pq.target)) for c in candidates]
             mean = fmean(scores)
             out += [ScoredExample(user.id, pq.content, c, int(s > mean)) for c, s in zip(candidates, scores)]
+    return out + label_set_examples(task, user, cfg)
+
+
+def label_set_examples(task: Task, user: User, cfg: HydraConfig) -> list[ScoredExample]:
+    """Classification/rating: `cfg.adapter_label_queries` profile items (seeded) scored against every
+    label of the task, the item's own label the only positive; no LLM call. [] for generation tasks."""
+    if task.kind == "generation" or not task.labels or cfg.adapter_label_queries <= 0:
+        return []
+    rng = random.Random(f"{cfg.seed}:{user.id}:label-set")
+    items = rng.sample(user.profile, min(cfg.adapter_label_queries, len(user.profile)))
+    out = []
+    for item in items:
+        query, target = task.item_text(item), task.item_answer(item)
+        good = [label for label in task.labels if is_correct(task, label, target)]
+        bad = [label for label in task.labels if label not in good]
+        # The positive is repeated so each query's positives weigh as much as its negatives: with 1
+        # positive in 15 the heads learn "always negative" (measured: flat scores, argmax at chance).
+        reps = max(1, len(bad) // max(1, len(good)))
+        out += [ScoredExample(user.id, query, label, 1) for label in good for _ in range(reps)]
+        out += [ScoredExample(user.id, query, label, 0) for label in bad]
     return out

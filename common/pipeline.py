@@ -1,7 +1,9 @@
 """HYDRA's inference for one query: BM25 top-M -> reranker top-k -> LLM candidates -> adapter argmax.
 
 The greedy answer is always among the candidates (MEASUREMENTS.md: a random temperature-1
-sample scores far below greedy on LaMP-7, so a weak adapter must not fall below greedy).
+sample scores far below greedy on LaMP-7, so a weak adapter must not fall below greedy), and
+a sample replaces it only when its adapter score is more than `cfg.adapter_margin` above the
+greedy answer's (0, the default, is HYDRA's plain argmax with ties going to greedy).
 Ablations: `reranker` only (reranker top-k + the greedy answer), `adapter` only (adapter over
 zero-shot candidates), `full` (both).
 """
@@ -67,4 +69,6 @@ class HydraPipeline:
         candidates = sample_candidates(task, self.llm, messages, cfg.candidates, cfg.seed)
         scores = self.adapter.score(user.id, query, candidates)
         best = max(range(len(candidates)), key=lambda j: (scores[j], -j))  # ties: the earlier (greedy first)
+        if scores[best] - scores[0] <= cfg.adapter_margin:
+            best = 0  # not clearly better than greedy (cfg.adapter_margin; 0 = HYDRA's plain argmax)
         return Answer(text=candidates[best], items=items, candidates=candidates, scores=[float(s) for s in scores])
