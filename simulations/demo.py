@@ -26,7 +26,8 @@ def run_demo(args: argparse.Namespace) -> Path:
     sim = argparse.Namespace(
         task=DEMO_TASK, data=str(out / "data"), clients=args.clients, test_clients=args.test_clients,
         users_per_client=1, partitioner="id", rounds=args.rounds, local_epochs=1, clients_per_round=0,
-        methods=DEMO_METHODS, preset="cpu", pseudo_queries=3, retrieve=0, k=0, candidates=4, train_layers=0, seed=args.seed, parallel=0,
+        methods=DEMO_METHODS, preset="cpu", pseudo_queries=2, retrieve=0, k=0, candidates=4, train_layers=0,
+        seed=args.seed, parallel=0,
         out=str(out), resume=False, stop_after_round=0, llm=args.llm, llm_base_url=args.llm_base_url,
         llm_model=args.llm_model, llm_threads=args.llm_threads, llm_api_key_env=args.llm_api_key_env, cache_dir=args.cache_dir)
     return simulate_command(sim)

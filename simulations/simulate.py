@@ -25,7 +25,6 @@ from pathlib import Path
 from fedhydra.common.data import load_split, split_users
 from fedhydra.common.llm import default_cache_dir
 from fedhydra.common.prompts import default_style
-from fedhydra.common.records import User
 from fedhydra.common.tasks import Task
 
 from .compare import run_baselines, run_method
@@ -117,23 +116,23 @@ def fed_result(task: Task, doc: dict, wall: float) -> MethodResult:
 
 def run_local(task: Task, llm, specs: list[ClientSpec], cfg, progress: bool = True):
     """hydra-local: every test client trains its own base and heads on its own users' history only."""
+    from tqdm import tqdm
+
     from fedhydra.client.state import ClientState
     from fedhydra.common.hydra import HydraModels, train
     from fedhydra.common.pipeline import HydraPipeline
     from fedhydra.common.retrieval import Retriever
 
-    pipes: dict[str, HydraPipeline] = {}
-    users: list[User] = []
+    answers, users = {}, []
     before, t0 = llm.stats.copy(), time.perf_counter()
-    for spec in specs:
-        state = ClientState(spec.state)
-        group = state.users("test")
-        models = HydraModels.new(cfg)
+    for spec in tqdm(specs, desc="hydra-local clients", unit="client", disable=not progress):
+        group = ClientState(spec.state).users("test")
+        models = HydraModels.new(cfg)  # one client's models at a time: answer, then let them go
         train(task, llm, group, cfg, models, progress=False)
         pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg)
-        pipes |= {u.id: pipe for u in group}
+        answers |= {u.id: pipe.answer(u, "full") for u in group}
         users += group
-    result, rows = run_method("hydra-local", task, users, lambda u: pipes[u.id].answer(u, "full"), llm, progress)
+    result, rows = run_method("hydra-local", task, users, lambda u: answers[u.id], llm, progress=False)
     used = llm.stats.minus(before)
     result.llm_calls, result.tokens, result.cache_hits = used.calls, used.tokens, used.cache_hits
     result.wall_s = round(time.perf_counter() - t0, 2)
