@@ -32,13 +32,19 @@ from fedhydra.common.retrieval import Retriever
 from .state import ClientState
 
 
+_BACKENDS: dict[tuple, LLM] = {}
+
+
 def client_llm(state: ClientState, backend: str = "embedded", base_url: str | None = None,
                model: str | None = None, shared_cache: str | None = None, threads: int = 1) -> LLM:
     """The black-box LLM behind the client's own response cache. `shared_cache` (simulation only)
     is a second, read-through cache standing for the LLM provider's: identical prompts from the
     centralized baseline and other clients are answered once."""
-    kw = {"n_threads": threads} if backend == "embedded" else {}
-    llm = make_llm(backend, base_url=base_url, model=model, cache=False, **kw)
+    key = (backend, base_url, model, threads)
+    if key not in _BACKENDS:  # one model per process: a simulation actor serves many clients in turn
+        kw = {"n_threads": threads} if backend == "embedded" else {}
+        _BACKENDS[key] = make_llm(backend, base_url=base_url, model=model, cache=False, **kw)
+    llm = _BACKENDS[key]
     if shared_cache:
         llm = CachedLLM(llm, ResponseCache(shared_cache))
     return CachedLLM(llm, ResponseCache(state.llm_cache_dir))
