@@ -4,7 +4,10 @@
 retrieved, k=4 in the prompt, B=8 candidates, AdamW lr 2e-5, 2 epochs, batch 64, weight
 decay 0.01). `cpu` shrinks what costs LLM calls, the dominant cost on a 2-core machine
 without a GPU, so a 20+20-user LaMP-7 run takes well under an hour; it also raises the head
-learning rate because fresh heads trained on a few dozen examples barely move at 2e-5.
+learning rate because fresh heads trained on a few dozen examples barely move at 2e-5, and
+(classification/rating only) gives the adapter 12 label-set queries per user, which cost no LLM
+call: with 3 pseudo-queries alone its scores were flat and hydra only tied rag-4 on synthetic
+LaMP-2M (labels.py).
 Every run records the preset it used in results.json.
 """
 

@@ -21,8 +21,8 @@ from fedhydra.common.tasks import get_task
 from fedhydra.simulations.compare import run_baselines
 from fedhydra.simulations.evaluate import run_hydra
 
-TINY = dict(pseudo_queries=2, retrieve=3, k=2, candidates=2, max_length=64, epochs=1, batch_size=16,
-            lr=5e-5, head_lr=1e-3)
+TINY = dict(pseudo_queries=2, retrieve=3, k=2, candidates=2, adapter_label_queries=2, max_length=64, epochs=1,
+            batch_size=16, lr=5e-5, head_lr=1e-3)
 # hydra vs rag-4 on synthetic LaMP-2M: (train, test) users, and the cpu preset made cheaper (1 pseudo-query
 # per user, M=4, B=4) but with rag-4's k=4 and the preset's label-set queries.
 SMALL_USERS = (4, 6)
