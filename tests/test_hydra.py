@@ -106,7 +106,7 @@ def test_hydra_beats_rag_on_synthetic_movie_tags(llm, one_torch_thread):
     rag-4's greedy answer is often a wrong tag; the adapter's label-set queries teach each user's head
     the user's topic->tag map, so it can pick the right tag among the temperature-1 candidates.
     Small sizes (4 + 6 users, 1 pseudo-query each, M=4, B=4); everything is seeded, so it is
-    deterministic. It measured 14.5 min on 2 cores shared with other jobs (load 4-6): most of it is
+    deterministic. It measured 14.5 and 16.2 min on 2 cores shared with other jobs (load 4-6): most of it is
     LLM calls and the adapter's train stage on the label-set queries.
     """
     split = make_synthetic("LaMP_2M", n_users=SMALL_USERS[0] + SMALL_USERS[1], seed=0)
