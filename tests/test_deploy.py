@@ -174,6 +174,11 @@ def test_supernode_killed_mid_round_does_not_stop_the_run(link, shared, tmp_path
     rounds = _rounds(out)
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["clients"] == 1, rounds[0]  # round 1 completed with the node that stayed
-    assert rounds[1]["clients"] == 2, rounds[1]  # node-1 reconnected and trained in round 2
-    assert link.registered["node-1"] in link.online_nodes()
+    # Round 2 runs with whoever is online when it is sent: the restarted node-1 when its first heartbeat
+    # is in by then, else node-0 alone (the issue asks for either). Under load the heartbeat can be late.
+    assert 1 <= rounds[1]["clients"] <= 2, rounds[1]
+    deadline = time.monotonic() + 90  # the killed node reconnects under its registered id
+    while link.registered["node-1"] not in link.online_nodes():
+        assert time.monotonic() < deadline, "node-1 did not reconnect"
+        time.sleep(2.0)
     print(f"\nkill mid-round: run {result.get('wall-s')} s, round seconds {[r['seconds'] for r in rounds]}")
