@@ -1,104 +1,137 @@
 """The Flower ClientApp: Flower's messages in, client/trainer.py's work, Flower's messages out.
 
-Message types (the server sends all three):
-- query:    "which users do you hold?" -> metrics train-users / test-users (counts only), the task name
-- train:    shared arrays of both modules + config (module, round, HydraConfig) -> the trained
-            module's shared arrays + training metrics
-- evaluate: the final shared arrays -> additive metric statistics of the unseen users' answers
+Messages (all sent by server/server_app.py):
+- query.describe:      -> counts of train / test users and the task name
+- query.install:       a module's final shared arrays to keep (the reranker, before the adapter rounds)
+- train:               one module's shared arrays -> the same arrays trained, and training metrics
+- evaluate.calibrate:  the final adapter -> additive sums per adapter margin over held-out training queries
+- evaluate:            both final modules + the margin -> additive metric statistics of the unseen users
+Only shared arrays and numbers ever leave (tests/test_federation.py checks every reply).
 
-The client's settings come from (first wins) the SuperNode's node config, the run config,
-and the defaults given to make_client_app (the simulation harness passes them):
-    state             its private state folder (deployment: one per SuperNode)
-    state-root        simulation: the folder holding client-<partition-id> state folders
-    llm, llm-base-url, llm-model, llm-threads, llm-shared-cache, threads
-Only shared arrays and metrics are ever put in a reply (tests/test_federation_privacy.py).
+Settings: the run config (common/settings.py), overridden by the SuperNode's node config. The client's
+private state folder is node config `state="DIR"`, else `state-root/client-<partition-id>`; a missing
+folder is made from the `data` settings and the partition id (the users this partition holds).
 """
 
 from __future__ import annotations
 
-import json
+from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
+from fedhydra.common import settings
 from fedhydra.common.config import HydraConfig
 
 from . import trainer
-from .state import ClientState
+from .state import ClientState, StateError
+
+NODE_KEYS = ("state", "partition-id", "num-partitions")
 
 
-def _setting(context: Context, defaults: dict, key: str, fallback=None):
-    for source in (context.node_config, context.run_config, defaults):
-        if key in source and source[key] not in ("", None):
-            return source[key]
-    return fallback
+def client_settings(context: Context) -> dict:
+    """Defaults < run config < node config (a node may set its own state folder, threads or LLM)."""
+    node = dict(context.node_config)
+    return settings.resolve(context.run_config, {k: v for k, v in node.items() if k not in NODE_KEYS},
+                            extra_keys=NODE_KEYS) | {k: node[k] for k in NODE_KEYS if k in node}
 
 
-def _state(context: Context, defaults: dict) -> ClientState:
-    folder = _setting(context, defaults, "state")
-    if folder is None:
-        root = _setting(context, defaults, "state-root")
-        if root is None or "partition-id" not in context.node_config:
-            raise ValueError("the client needs its state folder: node config `state=\"DIR\"` (deployment) "
-                             "or `state-root` with a partition-id (simulation)")
-        folder = Path(str(root)) / f"client-{int(context.node_config['partition-id'])}"
-    return ClientState(str(folder))
+def client_state(values: dict) -> ClientState:
+    """The client's state folder, made on first use from its partition of the users."""
+    pid = values.get("partition-id")
+    folder = values.get("state") or (pid is not None and Path(values["state-root"]) / f"client-{int(pid)}")
+    if not folder:
+        raise StateError("the client needs its state folder: node config state=\"DIR\" or a partition-id")
+    if (Path(folder) / "client.json").is_file():
+        return ClientState(folder)
+    if pid is None:
+        raise StateError(f"{folder} holds no client state and this node has no partition-id to make it from")
+    from fedhydra.common.partition import federated_split, load_users
+
+    split = load_users(values)
+    parts = federated_split(split, values)
+    if "num-partitions" in values and int(values["num-partitions"]) != len(parts):
+        raise StateError(f"{values['num-partitions']} partitions (nodes) but the settings make {len(parts)} clients "
+                         f"({values['clients']} train + {values['test-clients']} test)")
+    role, users = parts[int(pid)]
+    return ClientState.create(folder, split.task, users, role)
 
 
-def _llm(context: Context, defaults: dict, msg_config, state: ClientState):
-    def get(key, fallback=None):
-        value = _setting(context, defaults, key)
-        if value is None and msg_config is not None and key in msg_config:
-            value = msg_config[key]
-        return fallback if value in (None, "") else value
-
-    return trainer.client_llm(state, backend=str(get("llm", "embedded")), base_url=get("llm-base-url"),
-                              model=get("llm-model"), shared_cache=get("llm-shared-cache"),
-                              threads=int(get("llm-threads", 1)))
+def _say(values: dict):
+    who = f"client {values['partition-id']}" if "partition-id" in values else f"client {values.get('state')}"
+    return lambda text: log(INFO, "[fedhydra %s] %s", who, text)
 
 
-def _arrays(msg: Message) -> dict:
-    return msg.content["arrays"].to_torch_state_dict()
+def _arrays(msg: Message) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in msg.content["arrays"].items()}
 
 
-def _hydra_config(msg: Message) -> HydraConfig:
-    return HydraConfig(**json.loads(msg.content["config"]["hydra-config"]))
+def _reply(msg: Message, metrics: dict, arrays: dict[str, np.ndarray] | None = None,
+           config: dict | None = None) -> Message:
+    content = {"metrics": MetricRecord(metrics)}
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    if config is not None:
+        content["config"] = ConfigRecord(config)
+    return Message(RecordDict(content), reply_to=msg)
 
 
-def make_client_app(defaults: dict | None = None, mods: list | None = None) -> ClientApp:
-    """A ClientApp whose settings fall back to `defaults` (see the module docstring); `mods` are
-    Flower mods wrapping every message (e.g. a recorder of outgoing messages in tests)."""
-    defaults = dict(defaults or {})
-    app = ClientApp(mods=mods or [])
-
-    @app.query()
-    def describe(msg: Message, context: Context) -> Message:
-        state = _state(context, defaults)
-        metrics = {"train-users": len(state.user_ids("train")), "test-users": len(state.user_ids("test"))}
-        return Message(RecordDict({"metrics": MetricRecord(metrics), "config": ConfigRecord({"task": state.task.name})}),
-                       reply_to=msg)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        trainer.set_threads(int(_setting(context, defaults, "threads", 1)))
-        state = _state(context, defaults)
-        config = msg.content["config"]
-        llm = _llm(context, defaults, config, state)
-        arrays, metrics = trainer.train_round(state, llm, _hydra_config(msg), str(config["module"]), _arrays(msg),
-                                              int(config["server-round"]))
-        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        trainer.set_threads(int(_setting(context, defaults, "threads", 1)))
-        state = _state(context, defaults)
-        llm = _llm(context, defaults, msg.content["config"], state)
-        metrics = trainer.fit_and_evaluate(state, llm, _hydra_config(msg), _arrays(msg))
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-    return app
+def _setup(context: Context):
+    values = client_settings(context)
+    trainer.set_threads(int(values["threads"]))
+    state = client_state(values)
+    return values, state, HydraConfig.from_settings(values), _say(values)
 
 
-# The app `flwr run` and the SuperNodes load (pyproject: [tool.flwr.app.components]).
-app = make_client_app()
+def describe(msg: Message, context: Context) -> Message:
+    values = client_settings(context)
+    state = client_state(values)
+    return _reply(msg, {"train-users": len(state.user_ids("train")), "test-users": len(state.user_ids("test"))},
+                  config={"task": state.task.name})
+
+
+def install(msg: Message, context: Context) -> Message:
+    values, state, cfg, say = _setup(context)
+    trainer.install(state, cfg, _arrays(msg))
+    say(f"installed the final {msg.content['config']['module']}")
+    return _reply(msg, {"arrays": len(msg.content["arrays"])})
+
+
+def train(msg: Message, context: Context) -> Message:
+    values, state, cfg, say = _setup(context)
+    config = msg.content["config"]
+    llm = trainer.client_llm(state, values)
+    arrays, metrics = trainer.train_round(state, llm, cfg, str(config["module"]), _arrays(msg),
+                                          int(config["round"]), str(config.get("reranker-digest", "")),
+                                          proximal_mu=float(config.get("proximal-mu", 0.0)), say=say)
+    return _reply(msg, metrics, arrays)
+
+
+def calibrate(msg: Message, context: Context) -> Message:
+    values, state, cfg, say = _setup(context)
+    return _reply(msg, trainer.calibration_sums(state, trainer.client_llm(state, values), cfg, _arrays(msg), say))
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    values, state, cfg, say = _setup(context)
+    margin = float(msg.content["config"]["margin"])
+    metrics = trainer.fit_and_evaluate(state, trainer.client_llm(state, values), cfg, _arrays(msg),
+                                       None if margin < 0 else margin, say=say)
+    return _reply(msg, metrics)
+
+
+def build_app(mods: list | None = None) -> ClientApp:
+    """The ClientApp; `mods` wrap every message (tests record every reply with one)."""
+    client_app = ClientApp(mods=mods or [])
+    client_app.query("describe")(describe)
+    client_app.query("install")(install)
+    client_app.train()(train)
+    client_app.evaluate("calibrate")(calibrate)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = build_app()  # `flwr run` and the SuperNodes load it (pyproject: [tool.flwr.app.components])

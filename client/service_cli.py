@@ -1,6 +1,6 @@
 """`fedhydra client serve|ask|add-history|status`: the on-device service and a command-line client for it.
 
-Registered by common/cli.py's build_parser(); grpc, torch and the models are imported only when
+Registered by cli/main.py's build_parser(); grpc, torch and the models are imported only when
 a command runs, so `fedhydra --help` stays fast.
 """
 
@@ -17,7 +17,8 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 def _cmd_serve(args) -> None:
     import logging
 
-    from fedhydra.common.cli import llm_from_args
+    from fedhydra.common import settings
+    from fedhydra.common.llm import llm_from_settings
 
     from .personalizer import Limits, Personalizer
     from .service import TLS, serve_forever, start_server
@@ -33,8 +34,8 @@ def _cmd_serve(args) -> None:
         tls = TLS(cert=_read(args.tls_cert), key=_read(args.tls_key),
                   client_ca=_read(args.tls_client_ca) if args.tls_client_ca else None)
     token = read_token(args.token_file)
-    args.cache_dir = args.cache_dir or str(state.llm_cache_dir)  # the client's own cache unless told otherwise
-    llm = llm_from_args(args)
+    values = settings.resolve(settings.from_args(args, ("llm",)), groups=("llm",))
+    llm = llm_from_settings(values, cache_dir=values["cache-dir"] or state.llm_cache_dir)  # its own cache by default
     limits = Limits(max_input_chars=args.max_input_chars, max_items=args.max_items,
                     max_message_bytes=args.max_request_bytes)
     core = Personalizer(state, llm, limits=limits, device=args.device)
@@ -142,7 +143,7 @@ def _connection_options(p: argparse.ArgumentParser) -> None:
 
 def add_client_commands(sub) -> None:
     """Add `client` with serve, ask, add-history and status to the `fedhydra` subparsers."""
-    from fedhydra.common.cli import add_llm_options
+    from fedhydra.common import settings
 
     client = sub.add_parser("client", help="the on-device personalization service (gRPC) and a client for it",
                             description="Serve a client's personalization pipeline over gRPC (fedhydra.v1, "
@@ -176,7 +177,7 @@ def add_client_commands(sub) -> None:
     s.add_argument("--grace", type=float, default=10.0,
                    help="seconds running calls get to finish on shutdown (default 10)")
     s.add_argument("--device", default=None, help="torch device for the scorers (default: cuda if present, else cpu)")
-    add_llm_options(s)
+    settings.add_arguments(s, ("llm",))
     s.set_defaults(func=_cmd_serve)
 
     a = actions.add_parser("ask", help="get a personalized answer from a running service",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 from fedhydra.common.config import HydraConfig
@@ -28,7 +29,7 @@ from fedhydra.common.hydra import HydraModels
 from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.records import User
 from fedhydra.common.tasks import PROFILE_FIELDS, Task, get_task
-from fedhydra.common.training import ScoredExample
+from fedhydra.common.training import CandidateGroup, ScoredExample
 
 FORMAT = "fedhydra-client/1"
 MODULES = ("reranker", "adapter")
@@ -151,12 +152,12 @@ class ClientState:
         path = self.folder / "config.json"
         if not path.is_file():
             return None
-        return HydraConfig(**json.loads(path.read_text(encoding="utf-8")))
+        return HydraConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
     def save_config(self, cfg: HydraConfig) -> None:
         write_atomic(self.folder / "config.json", json.dumps(cfg.as_dict(), indent=1) + "\n")
 
-    def labels(self, module: str, key: str) -> list[ScoredExample] | None:
+    def labels(self, module: str, key: str) -> list | None:
         """The cached examples of `module` if they were made under `key`, else None."""
         path = self.folder / "labels" / f"{module}.json"
         if not path.is_file():
@@ -164,11 +165,11 @@ class ClientState:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if raw.get("key") != key:
             return None
-        return [ScoredExample(**r) for r in raw["examples"]]
+        return [CandidateGroup(**r) if "texts" in r else ScoredExample(**r) for r in raw["examples"]]
 
-    def save_labels(self, module: str, key: str, examples: list[ScoredExample]) -> None:
+    def save_labels(self, module: str, key: str, examples: list) -> None:
         self.model_path(module)  # validates the name
-        rows = [{"user_id": e.user_id, "query": e.query, "text": e.text, "label": e.label} for e in examples]
+        rows = [asdict(e) for e in examples]
         write_atomic(self.folder / "labels" / f"{module}.json",
                      json.dumps({"key": key, "examples": rows}, ensure_ascii=False) + "\n")
 

@@ -1,14 +1,16 @@
 """What a federated client does with its private state, apart from Flower's messages.
 
-- train_round: load the server's shared arrays into the client's models (its users' heads stay
-  as the client saved them), train one module (base + its users' heads + the default head) on
-  labels made from the users' own history, save everything locally, return the module's
-  shared arrays and training metrics.
-- fit_and_evaluate: for unseen users: load the final shared arrays, fit fresh heads on their
-  history with the base frozen, answer each user's query, return additive metric statistics.
+- train_round: load the server's arrays of one module into the client's models (its users' heads stay
+  as the client saved them), train that module (base + its users' heads + the default head) on labels
+  made from the users' own history, save everything locally, return the module's shared arrays.
+- install: keep a module's final shared arrays (the reranker, before the adapter rounds).
+- calibration_sums: score the held-out training queries with the final adapter; additive sums per margin.
+- fit_and_evaluate: for unseen users: load the final shared arrays, fit their heads (started from the
+  default head) on their history with the base frozen, answer each user's query, return additive
+  metric statistics.
 
-Labels are cached in the state folder under a key of everything they depend on, and every LLM
-answer in the client's own response cache, so a restarted client recomputes nothing.
+Labels are cached in the state folder under a key of everything they depend on, and every LLM answer in
+the client's own response cache, so a restarted client recomputes nothing.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import replace
+from collections.abc import Callable
 
 import torch
 
 from fedhydra.common import hydra, training
 from fedhydra.common.config import HydraConfig
-from fedhydra.common.llm import CachedLLM, ResponseCache, make_llm
+from fedhydra.common.llm import CachedLLM, ResponseCache, llm_from_settings
 from fedhydra.common.llm.base import LLM
 from fedhydra.common.metrics import metric_stats
 from fedhydra.common.pipeline import HydraPipeline
@@ -31,22 +33,21 @@ from fedhydra.common.retrieval import Retriever
 
 from .state import ClientState
 
-
+Say = Callable[[str], None]
 _BACKENDS: dict[tuple, LLM] = {}
+LABEL_FREE = ("epochs", "lr", "head_lr", "batch_size", "weight_decay", "adapter_margin")  # labels don't depend on these
 
 
-def client_llm(state: ClientState, backend: str = "embedded", base_url: str | None = None,
-               model: str | None = None, shared_cache: str | None = None, threads: int = 1) -> LLM:
-    """The black-box LLM behind the client's own response cache. `shared_cache` (simulation only)
-    is a second, read-through cache standing for the LLM provider's: identical prompts from the
-    centralized baseline and other clients are answered once."""
-    key = (backend, base_url, model, threads)
+def client_llm(state: ClientState, values: dict) -> LLM:
+    """The black-box LLM behind the client's own response cache. The cache-dir setting (simulations) is a
+    second, read-through cache standing for the LLM provider's: identical prompts from the centralized
+    baseline and other clients are answered once."""
+    key = tuple(values.get(k) for k in ("llm", "llm-base-url", "llm-model", "llm-api-key-env", "llm-threads"))
     if key not in _BACKENDS:  # one model per process: a simulation actor serves many clients in turn
-        kw = {"n_threads": threads} if backend == "embedded" else {}
-        _BACKENDS[key] = make_llm(backend, base_url=base_url, model=model, cache=False, **kw)
+        _BACKENDS[key] = llm_from_settings(values, cache=False)
     llm = _BACKENDS[key]
-    if shared_cache:
-        llm = CachedLLM(llm, ResponseCache(shared_cache))
+    if values.get("cache-dir"):
+        llm = CachedLLM(llm, ResponseCache(values["cache-dir"]))
     return CachedLLM(llm, ResponseCache(state.llm_cache_dir))
 
 
@@ -59,62 +60,87 @@ def load_models(state: ClientState, cfg: HydraConfig, device: str | None = None)
 def _label_key(cfg: HydraConfig, module: str, role: str, llm: LLM, models: hydra.HydraModels) -> str:
     """Everything a module's labels depend on; adapter labels also depend on the reranker (its top-k)."""
     what = {"module": module, "role": role, "llm": llm.name,
-            "config": {k: v for k, v in cfg.as_dict().items()
-                       if k not in ("epochs", "lr", "head_lr", "batch_size", "weight_decay")}}
+            "config": {k: v for k, v in cfg.as_dict().items() if k not in LABEL_FREE}}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     if module == "adapter":
-        reranker = models.reranker
-        for name, tensor in sorted(reranker.state_dict().items()):
+        for name, tensor in sorted(models.reranker.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 def module_examples(state: ClientState, module: str, role: str, llm: LLM, cfg: HydraConfig,
-                    models: hydra.HydraModels, progress: bool = False) -> list[training.ScoredExample]:
+                    models: hydra.HydraModels, say: Say | None = None) -> list:
     """The labelled examples of `module` for the client's users of `role`, from the cache when valid."""
     key = _label_key(cfg, module, role, llm, models)
     cached = state.labels(module, key)
     if cached is not None:
         return cached
-    users = state.users(role)
     real_queries = role == "train" and cfg.include_train_queries  # a test user's query is never a label
-    examples = hydra.make_labels(state.task, llm, Retriever(state.task), users, cfg, models.reranker,
-                                 module, real_queries, progress)
+    examples = hydra.make_labels(state.task, llm, Retriever(state.task), state.users(role), cfg, models.reranker,
+                                 module, real_queries, say)
     state.save_labels(module, key, examples)
     return examples
 
 
-def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, shared: dict[str, torch.Tensor],
-                server_round: int, device: str | None = None, progress: bool = False):
+def _usage(llm: LLM, before, t0: float) -> dict:
+    used = llm.stats.minus(before)
+    return {"llm-calls": used.calls, "tokens": used.tokens, "cache-hits": used.cache_hits,
+            "seconds": time.perf_counter() - t0}
+
+
+def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, shared: dict, server_round: int,
+                reranker_digest: str = "", proximal_mu: float = 0.0, device: str | None = None,
+                say: Say | None = None) -> tuple[dict, dict]:
     """One local training of `module`; returns (its shared arrays, metrics)."""
     if module not in hydra.MODULES:
         raise ValueError(f"unknown module {module!r}; modules: {hydra.MODULES}")
     t0, before = time.perf_counter(), llm.stats.copy()
     models = load_models(state, cfg, device)
-    hydra.load_shared_arrays(models, shared)
-    examples = module_examples(state, module, "train", llm, cfg, models, progress)
-    if not examples:
+    if module == "adapter" and reranker_digest:
+        held = hydra.digest({k: v.numpy() for k, v in hydra.shared_arrays(models, ("reranker",)).items()})
+        if held != reranker_digest:
+            raise RuntimeError(f"client {state.folder} does not hold the final reranker the adapter rounds assume "
+                               "(it missed the install message); it sits this round out")
+    if hydra.load_shared_arrays(models, shared) != (module,):
+        raise ValueError(f"a {module} round must carry exactly the {module}'s shared arrays")
+    examples = module_examples(state, module, "train", llm, cfg, models, say)
+    if not [e for e in examples if not getattr(e, "held_out", False)]:
         raise ValueError(f"client {state.folder} made no {module} examples (users without history?)")
     model = getattr(models, module)
-    report = training.train_stage(model, examples, epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr,
-                                  batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                                  seed=cfg.seed * 1000 + server_round, progress=progress)
+    report = training.train_stage(model, examples, seed=cfg.seed * 1000 + server_round, proximal_mu=proximal_mu,
+                                  say=say, **hydra.optim_args(cfg))
     model.clear_cache()
     state.save_models(models)
     state.save_config(cfg)
-    used = llm.stats.minus(before)
-    metrics = {"num-examples": len(examples), "users": report["users"], "loss": report["loss"],
-               "accuracy": report["accuracy"], "positives": sum(e.label for e in examples),
-               "llm-calls": used.calls, "tokens": used.tokens, "cache-hits": used.cache_hits,
-               "seconds": time.perf_counter() - t0}
-    return hydra.shared_arrays(models, (module,)), metrics
+    metrics = {"num-examples": report["examples"], "users": report["users"], "loss": report["loss"],
+               "accuracy": report["accuracy"], **_usage(llm, before, t0)}
+    arrays = {k: v.numpy() for k, v in hydra.shared_arrays(models, (module,)).items()}
+    return {k: arrays[k] for k in shared}, metrics  # the order the message came in (mods match arrays by position)
 
 
-def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dict[str, torch.Tensor],
-                     device: str | None = None, progress: bool = False) -> dict[str, float]:
-    """Fit the unseen users' heads on their history (base frozen) and answer their queries.
-    Returns additive metric statistics over the users (metrics.metric_stats) plus costs."""
+def install(state: ClientState, cfg: HydraConfig, shared: dict, device: str | None = None) -> None:
+    models = load_models(state, cfg, device)
+    hydra.load_shared_arrays(models, shared)
+    state.save_models(models)
+
+
+def calibration_sums(state: ClientState, llm: LLM, cfg: HydraConfig, adapter: dict, say: Say | None = None,
+                     device: str | None = None) -> dict[str, float]:
+    """Additive sums per margin over the held-out training queries, with the final adapter and the users' heads."""
+    models = load_models(state, cfg, device)
+    hydra.load_shared_arrays(models, adapter)
+    examples = module_examples(state, "adapter", "train", llm, cfg, models, say)
+    sums = hydra.calibration_sums(state.task, models.adapter, examples)
+    if say:
+        say(f"calibration: {int(sums.get('queries', 0))} held-out queries scored")
+    return sums
+
+
+def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dict, margin: float | None,
+                     device: str | None = None, say: Say | None = None) -> dict[str, float]:
+    """Fit the unseen users' heads on their history (base frozen) and answer their queries with `margin`
+    (None: greedy). Returns additive metric statistics over the users (metrics.metric_stats) plus costs."""
     t0, before = time.perf_counter(), llm.stats.copy()
     models = load_models(state, cfg, device)
     hydra.load_shared_arrays(models, shared)
@@ -122,22 +148,20 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
     missing = [u.id for u in users if u.gold is None]
     if missing:
         raise ValueError(f"client {state.folder}: users {missing[:3]} have no gold answer to evaluate against")
-    fit_cfg = replace(cfg, include_train_queries=False)
     for module in hydra.MODULES:  # reranker first: the adapter's labels use the fitted reranker's top-k
         model = getattr(models, module)
-        examples = module_examples(state, module, "test", llm, fit_cfg, models, progress)
-        training.fit_stage(model, examples, epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr,
-                           batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                           progress=progress, reset_heads=True)  # fresh heads: a re-evaluation repeats exactly
+        examples = module_examples(state, module, "test", llm, cfg, models, say)
+        if examples:  # a user too small to fit keeps the default head
+            training.fit_stage(model, examples, seed=cfg.seed, init="default", say=say, **hydra.optim_args(cfg))
         model.clear_cache()
     state.save_models(models)
     state.save_config(cfg)
-    pipe = HydraPipeline(state.task, llm, Retriever(state.task), models.reranker, models.adapter, cfg)
+    pipe = HydraPipeline(state.task, llm, Retriever(state.task), models.reranker, models.adapter, cfg, margin)
     predictions = [pipe.answer(u, "full").text for u in users]
     stats = metric_stats(state.task, predictions, [u.gold for u in users])
-    used = llm.stats.minus(before)
-    return {**{f"stat:{k}": v for k, v in stats.items()}, "users": len(users), "llm-calls": used.calls,
-            "tokens": used.tokens, "cache-hits": used.cache_hits, "seconds": time.perf_counter() - t0}
+    if say:
+        say(f"answered {len(users)} unseen users")
+    return {**{f"stat:{k}": v for k, v in stats.items()}, "users": len(users), **_usage(llm, before, t0)}
 
 
 def set_threads(threads: int) -> None:

@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import prompts
 from .llm.base import LLM
+from .pipeline import Answer, messages_for
 from .records import User
 from .retrieval import Retriever
 from .tasks import Task
-
-
-@dataclass
-class Answer:
-    """What a method answered for one query, and what it used to get there."""
-
-    text: str
-    items: list[dict] = field(default_factory=list)  # profile items shown to the LLM, best first
-    candidates: list[str] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -55,6 +46,6 @@ class Baseline:
 
     def answer(self, task: Task, llm: LLM, retriever: Retriever, user: User, seed: int = 0) -> Answer:
         items = self.items(task, retriever, user, seed)
-        messages = prompts.with_items(task, user.input, items, self.style)
+        messages = messages_for(task, llm, user.input, items, self.style, seed)
         text = llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS[task.kind], seed=seed)[0]
         return Answer(text=text.strip(), items=items, candidates=[text])

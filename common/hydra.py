@@ -1,27 +1,34 @@
-"""HYDRA's two stages over a group of users, for one place that holds their data (a whole
-centralized run, or one federated client).
+"""HYDRA's stages over a group of users, for one place that holds their data (a whole centralized
+run, or one federated client).
 
 - train: labels from the users' history, then base + their heads (+ the shared default head)
   trained together, reranker first, so the adapter's prompts use the trained reranker's top-k;
-- fit: unseen users, base frozen, fresh heads on their own history only.
+- calibrate: the adapter margin, from held-out training queries (selection.py);
+- fit: unseen users, base frozen, heads started from the default head and fitted on their own history.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from tqdm import tqdm
 
-from . import labels, training
-from .config import HydraConfig
+from . import labels, selection, training
+from .config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
 from .llm.base import LLM
+from .pipeline import adapter_scores
 from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
 from .tasks import Task
+
+MODULES = ("reranker", "adapter")
+Say = Callable[[str], None]
 
 
 @dataclass
@@ -32,15 +39,20 @@ class HydraModels:
     adapter: HydraScorer
 
     @classmethod
-    def new(cls, cfg: HydraConfig, encoder: str | None = None, device: str | None = None) -> "HydraModels":
-        def make() -> HydraScorer:
+    def new(cls, cfg: HydraConfig, device: str | None = None) -> "HydraModels":
+        def make(extra: int) -> HydraScorer:
             # 128 MB of frozen features per scorer holds the cpu preset's pairs (64 MB measured: same peak RSS)
-            return HydraScorer(encoder, train_layers=cfg.train_layers, head_layers=cfg.head_layers,
-                               max_length=cfg.max_length, device=device, cache_mb=128)
+            return HydraScorer(cfg.encoder or None, train_layers=cfg.train_layers, head_layers=cfg.head_layers,
+                               max_length=cfg.max_length, device=device, cache_mb=128, extra=extra)
         # The default head is initialised at construction: seed it, or reruns differ (and miss the LLM cache).
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            return cls(make(), make())
+            return cls(make(0), make(adapter_features(cfg)))
+
+
+def adapter_features(cfg: HydraConfig) -> int:
+    """The graded adapter's heads see the candidate features; HYDRA's pointwise recipes do not."""
+    return len(selection.FEATURES) if cfg.adapter_labels == "graded" else 0
 
 
 def release_memory() -> None:
@@ -53,55 +65,73 @@ def release_memory() -> None:
         pass
 
 
-def _optim_args(cfg: HydraConfig, progress: bool) -> dict:
+def optim_args(cfg: HydraConfig) -> dict:
     return dict(epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
-                weight_decay=cfg.weight_decay, seed=cfg.seed, progress=progress)
+                weight_decay=cfg.weight_decay)
 
 
 def make_labels(task: Task, llm: LLM, retriever: Retriever, users: list[User], cfg: HydraConfig,
-                reranker: HydraScorer | None, which: str, real_queries: bool, progress: bool = True):
+                reranker: HydraScorer | None, which: str, real_queries: bool, say: Say | None = None) -> list:
     """Reranker (`which="reranker"`) or adapter examples for `users`, made from their history."""
     out = []
-    for user in tqdm(users, desc=f"{which} labels", unit="user", disable=not progress):
+    for i, user in enumerate(users, 1):
         pqs = labels.pseudo_queries(task, llm, user, cfg, real_query=real_queries)
         if which == "reranker":
             out += labels.reranker_examples(task, llm, retriever, user, pqs, cfg)
         else:
             out += labels.adapter_examples(task, llm, retriever, user, pqs, cfg, reranker)
-    return out
+        if say:
+            say(f"{which} labels: user {i}/{len(users)} done ({llm.stats.calls} LLM calls so far)")
+    return labels.trainable(out)
 
 
 def train(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: HydraModels,
-          progress: bool = True) -> dict:
-    """The train stage on `users`; returns per-module training metrics."""
+          say: Say | None = None) -> dict:
+    """The train stage on `users` (then the margin, when it is calibrated); returns per-module training metrics."""
     retriever, report = Retriever(task), {}
     for which, model in (("reranker", models.reranker), ("adapter", models.adapter)):
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which,
-                               cfg.include_train_queries, progress)
-        report[which] = training.train_stage(model, examples, **_optim_args(cfg, progress))
-        report[which]["positives"] = sum(e.label for e in examples)
+                               cfg.include_train_queries, say)
+        report[which] = training.train_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg))
+        if which == "adapter" and cfg.margin == MARGIN_AUTO:
+            report["calibration"] = selection.pick_margin(calibration_sums(task, models.adapter, examples))
         model.clear_cache()  # the frozen-feature cache pays off across epochs only; free it for what follows
         release_memory()
     return report
 
 
+def calibration_sums(task: Task, adapter: HydraScorer, examples: list) -> dict[str, float]:
+    """selection.margin_sums over the held-out groups, scored with their users' trained heads."""
+    sums: dict[str, float] = {}
+    for g in examples:
+        if isinstance(g, training.CandidateGroup) and g.held_out:
+            scores = adapter_scores(adapter, task, g.user_id, g.query, g.texts)
+            sums = selection.add_sums(sums, selection.margin_sums(scores, g.grades))
+    return sums
+
+
+def resolve_margin(cfg: HydraConfig, calibrated: float | str | None = None) -> float | None:
+    """The margin answers use: None (always greedy) for off, the calibrated value for auto, else the number."""
+    margin = cfg.margin if cfg.margin != MARGIN_AUTO else calibrated
+    if margin is None:
+        raise ValueError("adapter-margin is auto but no calibrated margin was given")
+    return None if margin == MARGIN_OFF else float(margin)
+
+
 def fit(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: HydraModels,
-        progress: bool = True) -> dict:
-    """The fit stage: fresh heads for `users` trained on their history only; the bases stay frozen."""
+        say: Say | None = None) -> dict:
+    """The fit stage: each user's heads start from the default head and fit on their history; the bases stay frozen."""
     retriever, report = Retriever(task), {}
     for which, model in (("reranker", models.reranker), ("adapter", models.adapter)):
-        examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which, False, progress)
-        report[which] = training.fit_stage(model, examples, **_optim_args(cfg, progress))
-        report[which]["positives"] = sum(e.label for e in examples)
+        examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which, False, say)
+        if examples:
+            report[which] = training.fit_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg))
         model.clear_cache()
         release_memory()
     return report
 
 
 # ---------------------------------------------------------------- what federation moves
-MODULES = ("reranker", "adapter")
-
-
 def shared_arrays(models: HydraModels, modules: tuple[str, ...] = MODULES) -> dict[str, torch.Tensor]:
     """The shared part of `modules`, keyed "<module>/base/<param>" and "<module>/default-head/<param>":
     the trainable base layers, and the default head, which like the base is trained on every
@@ -114,18 +144,27 @@ def shared_arrays(models: HydraModels, modules: tuple[str, ...] = MODULES) -> di
     return out
 
 
-def load_shared_arrays(models: HydraModels, arrays: dict[str, torch.Tensor]) -> tuple[str, ...]:
-    """Load what shared_arrays() made (any subset of modules); returns the modules it held.
-    Any other key is an error: a payload must carry exactly these parameters."""
+def load_shared_arrays(models: HydraModels, arrays: dict) -> tuple[str, ...]:
+    """Load what shared_arrays() made (any subset of modules, torch or numpy values); returns the modules
+    it held. Any other key is an error: a payload must carry exactly these parameters."""
     by_module: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key, value in arrays.items():
         parts = key.split("/", 2)
         if len(parts) != 3 or parts[0] not in MODULES or parts[1] not in ("base", "default-head"):
             raise ValueError(f"unexpected array {key!r} in a shared payload")
         module, part, param = parts
-        by_module.setdefault(module, {}).setdefault(part, {})[param] = value
+        by_module.setdefault(module, {}).setdefault(part, {})[param] = torch.as_tensor(value)
     for module, parts in by_module.items():
         model = getattr(models, module)
         model.load_shared_state(parts.get("base", {}))
         model.load_default_head_state(parts.get("default-head", {}))
     return tuple(m for m in MODULES if m in by_module)
+
+
+def digest(arrays: dict) -> str:
+    """Identifies a set of shared arrays (a client checks it holds the reranker the adapter rounds assume)."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(np.asarray(arrays[key], dtype=np.float32)).tobytes())
+    return h.hexdigest()[:16]

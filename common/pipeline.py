@@ -1,19 +1,17 @@
-"""HYDRA's inference for one query: BM25 top-M -> reranker top-k -> LLM candidates -> adapter argmax.
+"""HYDRA's inference for one query: BM25 top-M -> reranker top-k -> LLM candidates -> adapter choice.
 
-The greedy answer is always among the candidates (MEASUREMENTS.md: a random temperature-1
-sample scores far below greedy on LaMP-7, so a weak adapter must not fall below greedy), and
-a sample replaces it only when its adapter score is more than `cfg.adapter_margin` above the
-greedy answer's (0, the default, is HYDRA's plain argmax with ties going to greedy).
-Ablations: `reranker` only (reranker top-k + the greedy answer), `adapter` only (adapter over
+The greedy answer is always the first candidate (MEASUREMENTS.md: a random sample scores far below
+greedy on LaMP-7), and a sample replaces it only when the adapter scores it more than `margin` above
+the greedy answer (selection.pick; the margin is calibrated on held-out training queries, None keeps
+greedy). Ablations: `reranker` (reranker top-k + the greedy answer), `adapter` (adapter over
 zero-shot candidates), `full` (both).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import prompts
-from .baselines import Answer
+from . import prompts, selection
 from .config import HydraConfig
 from .llm.base import LLM
 from .records import User
@@ -22,6 +20,36 @@ from .scorer import HydraScorer
 from .tasks import Task
 
 MODES = {"hydra": "full", "hydra-reranker": "reranker", "hydra-adapter": "adapter"}
+NEUTRAL_PROMPT = (
+    "Rewrite the following tweet as plain, neutral standard English, without slang, hashtags, mentions or "
+    "emoticons. Answer with the rewritten sentence only.\nTweet: {text}"
+)
+
+
+@dataclass
+class Answer:
+    """What a method answered for one query, and what it used to get there."""
+
+    text: str
+    items: list[dict] = field(default_factory=list)  # profile items shown to the LLM, best first
+    candidates: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+
+def neutral_input(llm: LLM, text: str, seed: int) -> str:
+    """The LLM's greedy neutral rewrite of an item that has no input (a LaMP-7 tweet): its pseudo-input."""
+    messages = [{"role": "user", "content": NEUTRAL_PROMPT.format(text=text)}]
+    out = llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS["generation"], seed=seed)[0]
+    return out.strip().strip('"') or text
+
+
+def messages_for(task: Task, llm: LLM, task_input: str, items: list[dict], style: str | None, seed: int) -> list[dict]:
+    """The prompt with `items`; the chat style on a task whose items have no input (LaMP-7) first gives each
+    item its pseudo-input (one cached LLM call per item)."""
+    style = style or prompts.default_style(task)
+    if style == "chat" and task.label_field is None:
+        items = [{**i, prompts.PSEUDO_INPUT: neutral_input(llm, task.item_text(i), seed)} for i in items]
+    return prompts.with_items(task, task_input, items, style)
 
 
 def rerank(reranker: HydraScorer | None, user_id: str, task: Task, query: str, items: list[dict], k: int) -> list[dict]:
@@ -33,12 +61,18 @@ def rerank(reranker: HydraScorer | None, user_id: str, task: Task, query: str, i
     return [items[j] for j in order[:k]]
 
 
-def sample_candidates(task: Task, llm: LLM, messages: list[dict], n: int, seed: int) -> list[str]:
-    """The greedy answer first, then `n` temperature-1 samples (seeded, so reruns hit the cache)."""
+def sample_candidates(task: Task, llm: LLM, messages: list[dict], n: int, seed: int, temperature: float) -> list[str]:
+    """The greedy answer first, then `n` samples at `temperature` (seeded, so reruns hit the cache)."""
     max_tokens = prompts.MAX_TOKENS[task.kind]
     greedy = llm.complete(messages, n=1, temperature=0.0, max_tokens=max_tokens, seed=seed)
-    samples = llm.complete(messages, n=n, temperature=1.0, max_tokens=max_tokens, seed=seed)
+    samples = llm.complete(messages, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
     return [c.strip() for c in greedy + samples]
+
+
+def adapter_scores(adapter: HydraScorer, task: Task, user_id: str, query: str, candidates: list[str]) -> list[float]:
+    """The adapter's log-odds of each candidate, with the candidate features its heads take."""
+    extra = selection.candidate_features(task, query, candidates) if adapter.extra else None
+    return adapter.log_odds(user_id, query, candidates, extra)
 
 
 @dataclass
@@ -51,24 +85,28 @@ class HydraPipeline:
     reranker: HydraScorer | None
     adapter: HydraScorer | None
     config: HydraConfig
+    margin: float | None = 0.0  # adapter margin (None: always the greedy answer)
+
+    def candidates(self, user: User, mode: str = "full") -> tuple[list[dict], list[str]]:
+        """(items in the prompt, greedy answer + B samples) for the user's query."""
+        cfg, task = self.config, self.task
+        items: list[dict] = []
+        if mode != "adapter":
+            retrieved = self.retriever.top(user, task.content(user.input), cfg.retrieve)
+            items = rerank(self.reranker, user.id, task, task.content(user.input), retrieved, cfg.k)
+        messages = messages_for(task, self.llm, user.input, items, cfg.style_or_none, cfg.seed)
+        if mode == "reranker" or self.adapter is None:
+            text = self.llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS[task.kind],
+                                     seed=cfg.seed)[0].strip()
+            return items, [text]
+        return items, sample_candidates(task, self.llm, messages, cfg.candidates, cfg.seed, cfg.temperature)
 
     def answer(self, user: User, mode: str = "full") -> Answer:
         if mode not in ("full", "reranker", "adapter"):
             raise ValueError(f"unknown pipeline mode {mode!r}")
-        cfg, task = self.config, self.task
-        query = task.content(user.input)
-        items: list[dict] = []
-        if mode != "adapter":
-            retrieved = self.retriever.top(user, query, cfg.retrieve)
-            items = rerank(self.reranker, user.id, task, query, retrieved, cfg.k)
-        messages = prompts.with_items(task, user.input, items, cfg.style)
-        if mode == "reranker" or self.adapter is None:
-            text = self.llm.complete(messages, n=1, temperature=0.0,
-                                     max_tokens=prompts.MAX_TOKENS[task.kind], seed=cfg.seed)[0].strip()
-            return Answer(text=text, items=items, candidates=[text])
-        candidates = sample_candidates(task, self.llm, messages, cfg.candidates, cfg.seed)
-        scores = self.adapter.score(user.id, query, candidates)
-        best = max(range(len(candidates)), key=lambda j: (scores[j], -j))  # ties: the earlier (greedy first)
-        if scores[best] - scores[0] <= cfg.adapter_margin:
-            best = 0  # not clearly better than greedy (cfg.adapter_margin; 0 = HYDRA's plain argmax)
+        items, candidates = self.candidates(user, mode)
+        if len(candidates) == 1:
+            return Answer(text=candidates[0], items=items, candidates=candidates)
+        scores = adapter_scores(self.adapter, self.task, user.id, self.task.content(user.input), candidates)
+        best = selection.pick(scores, self.margin)
         return Answer(text=candidates[best], items=items, candidates=candidates, scores=[float(s) for s in scores])

@@ -60,7 +60,7 @@ class HydraScorer(nn.Module):
 
     def __init__(self, encoder: str | None = None, train_layers: int = 2, head_layers: int = 2,
                  max_length: int = 256, dropout: float | None = None,
-                 device: str | torch.device | None = None, cache_mb: float = 256):
+                 device: str | torch.device | None = None, cache_mb: float = 256, extra: int = 0):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -79,6 +79,7 @@ class HydraScorer(nn.Module):
         if max_length < 8:
             raise ValueError(f"max_length={max_length} is too small (at least 8 tokens)")
         self.train_layers, self.head_layers, self.max_length = train_layers, head_layers, max_length
+        self.extra = extra  # candidate features each head takes besides the first-token state
         self.hidden_size = int(self.encoder.config.hidden_size)
         self.dropout_p = float(getattr(self.encoder.config, "hidden_dropout_prob", 0.1) if dropout is None else dropout)
 
@@ -116,7 +117,7 @@ class HydraScorer(nn.Module):
         raise ValueError(f"cannot find the layer list of encoder {type(self.encoder).__name__}")
 
     def _new_head(self) -> ScoringHead:
-        head = ScoringHead(self.hidden_size, self.head_layers, self.dropout_p)
+        head = ScoringHead(self.hidden_size, self.head_layers, self.dropout_p, self.extra)
         return head.to(self.device) if hasattr(self, "device") else head
 
     def train(self, mode: bool = True) -> "HydraScorer":
@@ -137,12 +138,15 @@ class HydraScorer(nn.Module):
     def has_user(self, user_id: str) -> bool:
         return head_key(user_id) in self._user_of_key
 
-    def add_user(self, user_id: str, replace: bool = False) -> ScoringHead:
-        """A fresh randomly initialised head for `user_id` (deterministic under torch.manual_seed)."""
+    def add_user(self, user_id: str, replace: bool = False, from_default: bool = False) -> ScoringHead:
+        """A new head for `user_id`: a copy of the default head (`from_default`, FedHydra's warm start) or
+        randomly initialised (HYDRA; deterministic under torch.manual_seed)."""
         key = head_key(user_id)
         if key in self._user_of_key and not replace:
             raise ValueError(f"user {user_id!r} already has a head (pass replace=True to re-initialise it)")
         self.heads[key] = self._new_head()
+        if from_default:
+            self.heads[key].load_state_dict(self.heads[DEFAULT_HEAD].state_dict())
         self.heads[key].train(self.training)
         self._user_of_key[key] = user_id
         return self.heads[key]
@@ -265,7 +269,16 @@ class HydraScorer(nn.Module):
                 hidden = _layer_out(layer(hidden, mask))
         return hidden[:, 0]
 
-    def head_logits(self, features: torch.Tensor, user_ids: list[str | None]) -> torch.Tensor:
+    def extra_tensor(self, extra) -> torch.Tensor | None:
+        """Candidate features as a float tensor on the model's device (None when the heads take none)."""
+        if not self.extra:
+            return None
+        if extra is None:
+            raise ValueError(f"this scorer's heads need {self.extra} candidate features per text")
+        return torch.as_tensor(extra, dtype=torch.float32, device=self.device).reshape(-1, self.extra)
+
+    def head_logits(self, features: torch.Tensor, user_ids: list[str | None],
+                    extra: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, 2]: row i through user_ids[i]'s head (the default head for unknown users or None)."""
         if len(user_ids) != features.shape[0]:
             raise ValueError(f"{len(user_ids)} user ids for {features.shape[0]} rows")
@@ -274,34 +287,44 @@ class HydraScorer(nn.Module):
             head = self.head(uid)
             groups.setdefault(id(head), (head, []))[1].append(i)
         if len(groups) == 1:
-            return next(iter(groups.values()))[0](features)
+            return next(iter(groups.values()))[0](features, extra)
         out = features.new_zeros(features.shape[0], 2)
         for head, rows in groups.values():
             idx = torch.tensor(rows, device=features.device)
-            out = out.index_copy(0, idx, head(features.index_select(0, idx)))
+            sub_extra = None if extra is None else extra.index_select(0, idx)
+            out = out.index_copy(0, idx, head(features.index_select(0, idx), sub_extra))
         return out
 
-    def forward(self, user_ids: list[str | None], queries: list[str], texts: list[str]) -> torch.Tensor:
+    def forward(self, user_ids: list[str | None], queries: list[str], texts: list[str], extra=None) -> torch.Tensor:
         """Logits [B, 2] for a batch whose rows may belong to different users."""
-        return self.head_logits(self.encode(queries, texts), user_ids)
+        return self.head_logits(self.encode(queries, texts), user_ids, self.extra_tensor(extra))
 
     @torch.no_grad()
-    def score(self, user_id: str, query: str, texts: list[str], batch_size: int = 32) -> list[float]:
-        """P(positive) of each (query, text) with the user's head (the default head for an unknown user)."""
+    def logits(self, user_id: str, query: str, texts: list[str], extra=None, batch_size: int = 32) -> torch.Tensor:
+        """Logits [len(texts), 2] of each (query, text) with the user's head (the default head for an unknown user)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        extra = self.extra_tensor(extra)
         was_training = self.training
         self.eval()
         try:
-            head = self.head(user_id)
-            scores: list[float] = []
+            head, chunks = self.head(user_id), []
             for start in range(0, len(texts), batch_size):
                 chunk = list(texts[start:start + batch_size])
-                logits = head(self.encode([query] * len(chunk), chunk))
-                scores.extend(torch.softmax(logits.float(), dim=-1)[:, 1].tolist())
-            return scores
+                sub = None if extra is None else extra[start:start + batch_size]
+                chunks.append(head(self.encode([query] * len(chunk), chunk), sub).float())
+            return torch.cat(chunks) if chunks else torch.zeros(0, 2)
         finally:
             self.train(was_training)
+
+    def score(self, user_id: str, query: str, texts: list[str], extra=None, batch_size: int = 32) -> list[float]:
+        """P(positive) of each (query, text)."""
+        return torch.softmax(self.logits(user_id, query, texts, extra, batch_size), dim=-1)[:, 1].tolist()
+
+    def log_odds(self, user_id: str, query: str, texts: list[str], extra=None, batch_size: int = 32) -> list[float]:
+        """log P(positive) - log P(negative) of each (query, text): the adapter's ranking score."""
+        logits = self.logits(user_id, query, texts, extra, batch_size)
+        return (logits[:, 1] - logits[:, 0]).tolist()
 
     def cache_stats(self) -> dict:
         c = self._cache
@@ -347,7 +370,7 @@ class HydraScorer(nn.Module):
 
     def config(self) -> dict:
         return {"encoder": self.encoder_name, "train_layers": self.train_layers, "head_layers": self.head_layers,
-                "max_length": self.max_length, "dropout": self.dropout_p}
+                "max_length": self.max_length, "dropout": self.dropout_p, "extra": self.extra}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write config, trainable base, all heads and a frozen-base fingerprint to one safetensors file, atomically."""
@@ -386,7 +409,8 @@ class HydraScorer(nn.Module):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         cfg = json.loads(meta["config"])
         model = cls(encoder or cfg["encoder"], train_layers=cfg["train_layers"], head_layers=cfg["head_layers"],
-                    max_length=cfg["max_length"], dropout=cfg["dropout"], device=device, cache_mb=cache_mb)
+                    max_length=cfg["max_length"], dropout=cfg["dropout"], device=device, cache_mb=cache_mb,
+                    extra=cfg.get("extra", 0))
         if model._frozen_fingerprint() != meta.get("frozen_fingerprint"):
             raise ValueError(f"{path}: the encoder's frozen weights differ from those it was saved with")
         model.load_shared_state({k[len("shared/"):]: t for k, t in tensors.items() if k.startswith("shared/")})

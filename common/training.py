@@ -1,26 +1,37 @@
 """HYDRA's two training stages for a HydraScorer (HYDRA.md §2 "How heads are trained", §3).
 
-Train stage: the trainable base layers, the heads of the examples' users and the shared
-default head learn together (loss = CE(user head) + CE(default head), so the default head
-learns from every training user). Fit stage (unseen users): the base is frozen, so the
-first-token features are computed once and only the users' heads train on them.
+Train stage: the trainable base layers, the heads of the examples' users and the shared default head
+learn together (loss = loss(user head) + loss(default head), so the default head learns from every
+training user). Fit stage (unseen users): the base is frozen, so the first-token features are
+computed once and only the users' heads train on them; a new head starts as a copy of the default
+head (FedHydra) or at random (HYDRA).
 
-Both use HYDRA's optimisation (the HF Trainer defaults it ran with): AdamW (betas 0.9/0.999,
-eps 1e-8), linear decay to 0 without warmup, weight decay on all but biases and LayerNorm
-weights, gradient-norm clipping at 1.0, 2-class cross-entropy.
+Two kinds of training data:
+- `ScoredExample` (pointwise, HYDRA): one (query, text) pair with a 0/1 label, 2-class cross-entropy.
+- `CandidateGroup` (listwise, FedHydra's adapter): one query's candidates with graded targets (the
+  task metric against the target); the loss is the cross-entropy between the softmax of the
+  candidates' scores (log-odds) and the softmax of grades / GRADE_TEMPERATURE, so the head learns to
+  rank a query's candidates, not to tell human from LLM text.
+
+Optimisation is HYDRA's (the HF Trainer defaults it ran with): AdamW (betas 0.9/0.999, eps 1e-8),
+linear decay to 0 without warmup, weight decay on all but biases and LayerNorm weights,
+gradient-norm clipping at 1.0. `proximal_mu` adds FedProx's proximal term on the shared layers.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from torch.nn import functional as F
 
 from .scorer import DEFAULT_HEAD, HydraScorer
+
+GRADE_TEMPERATURE = 0.1  # grades are metric values in [0, 1]; 0.1 makes a 0.1 better candidate e times likelier
 
 
 @dataclass
@@ -42,19 +53,50 @@ class ScoredExample:
         self.label = int(self.label)
 
 
-def _check_args(examples: list[ScoredExample], epochs: int, batch_size: int, lrs: list[float | None]) -> None:
+@dataclass
+class CandidateGroup:
+    """One query's candidates (texts[0]: the greedy answer, when they come from the LLM), each graded by the
+    task metric against the query's target; `features` are the candidates' selection.FEATURES rows.
+    `held_out` groups are never trained on: they calibrate the adapter margin."""
+
+    user_id: str
+    query: str
+    texts: list[str]
+    grades: list[float]
+    features: list[list[float]] = field(default_factory=list)
+    held_out: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.user_id, str) or not self.user_id:
+            raise ValueError(f"CandidateGroup.user_id must be a non-empty string, got {self.user_id!r}")
+        if not self.texts or len(self.grades) != len(self.texts):
+            raise ValueError(f"CandidateGroup of user {self.user_id!r}: {len(self.texts)} texts, "
+                             f"{len(self.grades)} grades")
+        if self.features and len(self.features) != len(self.texts):
+            raise ValueError(f"CandidateGroup of user {self.user_id!r}: features for {len(self.features)} of "
+                             f"{len(self.texts)} texts")
+
+    def target(self) -> torch.Tensor:
+        return torch.softmax(torch.tensor(self.grades, dtype=torch.float32) / GRADE_TEMPERATURE, dim=0)
+
+
+Example = ScoredExample | CandidateGroup
+Say = Callable[[str], None]
+
+
+def _check_args(examples: list, epochs: int, batch_size: int, lrs: list[float | None]) -> None:
     if not examples:
         raise ValueError("no training examples")
-    bad = next((e for e in examples if not isinstance(e, ScoredExample)), None)
-    if bad is not None:
-        raise TypeError(f"examples must be ScoredExample, got {type(bad).__name__}")
+    kinds = {type(e) for e in examples}
+    if not kinds <= {ScoredExample, CandidateGroup} or len(kinds) > 1:
+        raise TypeError(f"examples must all be ScoredExample or all CandidateGroup, got {sorted(k.__name__ for k in kinds)}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be at least 1")
     if any(lr is not None and not lr > 0 for lr in lrs):
         raise ValueError(f"learning rates must be positive, got {lrs}")
 
 
-def _users_in_order(examples: list[ScoredExample]) -> list[str]:
+def _users_in_order(examples: list[Example]) -> list[str]:
     return list(dict.fromkeys(e.user_id for e in examples))
 
 
@@ -83,55 +125,103 @@ def _rng_devices(model: HydraScorer) -> list:
     return [model.device] if model.device.type == "cuda" else []
 
 
-def train_stage(model: HydraScorer, examples: list[ScoredExample], epochs: int = 2, lr: float = 2e-5,
+def batches(examples: list[Example], order: list[int], batch_size: int) -> list[list[Example]]:
+    """Pointwise: `batch_size` examples each. Listwise: whole groups, until a batch holds `batch_size` texts."""
+    if isinstance(examples[0], ScoredExample):
+        return [[examples[i] for i in order[b:b + batch_size]] for b in range(0, len(order), batch_size)]
+    out, current, rows = [], [], 0
+    for i in order:
+        current.append(examples[i])
+        rows += len(examples[i].texts)
+        if rows >= batch_size:
+            out.append(current)
+            current, rows = [], 0
+    return out + ([current] if current else [])
+
+
+def rows_of(batch: list[Example]) -> tuple[list[str], list[str], list[str], list | None]:
+    """(user ids, queries, texts, candidate features or None) of every row in the batch."""
+    if isinstance(batch[0], ScoredExample):
+        return [e.user_id for e in batch], [e.query for e in batch], [e.text for e in batch], None
+    users, queries, texts, feats = [], [], [], []
+    for g in batch:
+        users += [g.user_id] * len(g.texts)
+        queries += [g.query] * len(g.texts)
+        texts += g.texts
+        feats += g.features
+    return users, queries, texts, (feats or None)
+
+
+def batch_loss(batch: list[Example], logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mean loss, number of correct items) of a batch's logits [rows, 2]; a listwise item is correct when its
+    top-scored candidate has the best grade."""
+    if isinstance(batch[0], ScoredExample):
+        labels = torch.tensor([e.label for e in batch], device=logits.device)
+        return F.cross_entropy(logits, labels), int((logits.argmax(-1) == labels).sum())
+    scores = logits[:, 1] - logits[:, 0]
+    losses, correct, start = [], 0, 0
+    for g in batch:
+        s = scores[start:start + len(g.texts)]
+        start += len(g.texts)
+        losses.append(-(g.target().to(s.device) * F.log_softmax(s, dim=0)).sum())
+        correct += int(g.grades[int(s.argmax())] >= max(g.grades))
+    return torch.stack(losses).mean(), correct
+
+
+def train_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: float = 2e-5,
                 head_lr: float | None = None, batch_size: int = 64, weight_decay: float = 0.01, seed: int = 0,
-                progress: bool = True, max_grad_norm: float = 1.0) -> dict:
+                progress: bool = True, max_grad_norm: float = 1.0, proximal_mu: float = 0.0,
+                say: Say | None = None) -> dict:
     """Train the trainable base layers + the examples' users' heads + the default head together.
 
-    Users without a head get a fresh one (deterministic for the seed). `head_lr` (default: `lr`,
-    as HYDRA) is the heads' learning rate. Returns {loss, user_loss, default_loss, accuracy,
-    examples, users, steps, epochs, seconds}; losses are means over all steps, accuracy is the
-    user heads' on the last epoch.
+    Users without a head get a copy of the default head. `head_lr` (default: `lr`, as HYDRA) is the
+    heads' learning rate; `proximal_mu` > 0 adds FedProx's mu/2 ||w - w_start||^2 on the base layers.
+    `say` gets a line per epoch. Returns {loss, user_loss, default_loss, accuracy, examples, users,
+    steps, epochs, seconds}; losses are means over all steps, accuracy is the user heads' on the last epoch.
     """
+    examples = [e for e in examples if not getattr(e, "held_out", False)]
     _check_args(examples, epochs, batch_size, [lr, head_lr])
     start = time.perf_counter()
     users = _users_in_order(examples)
     was_training = model.training
     with torch.random.fork_rng(devices=_rng_devices(model)):
-        torch.manual_seed(seed)  # head init and dropout are reproducible, the caller's RNG is untouched
+        torch.manual_seed(seed)  # dropout and order are reproducible; the caller's RNG is untouched
         for uid in users:
             if not model.has_user(uid):
-                model.add_user(uid)
+                model.add_user(uid, from_default=True)
         heads = [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]]
         groups = _param_groups(model.top_layers, lr, weight_decay) + _param_groups(heads, head_lr or lr, weight_decay)
         params = [p for g in groups for p in g["params"]]
-        per_epoch = math.ceil(len(examples) / batch_size)
-        opt, sched = _optimizer(groups, per_epoch * epochs)
-        order = torch.Generator().manual_seed(seed)
-        ce = nn.CrossEntropyLoss()
+        anchor = [p.detach().clone() for p in model.trainable_base_parameters()] if proximal_mu else []
+        order_rng = torch.Generator().manual_seed(seed)
+        plan = [batches(examples, torch.randperm(len(examples), generator=order_rng).tolist(), batch_size)
+                for _ in range(epochs)]
+        opt, sched = _optimizer(groups, sum(len(p) for p in plan))
         sums = {"loss": 0.0, "user_loss": 0.0, "default_loss": 0.0}
         steps = correct = 0
         model.train()
         try:
-            with tqdm(total=per_epoch * epochs, desc="train stage", disable=not progress, unit="step") as bar:
-                for epoch in range(epochs):
-                    perm = torch.randperm(len(examples), generator=order).tolist()
-                    for b in range(per_epoch):
-                        batch = [examples[i] for i in perm[b * batch_size:(b + 1) * batch_size]]
-                        labels = torch.tensor([e.label for e in batch], device=model.device)
-                        feats = model.encode([e.query for e in batch], [e.text for e in batch])
-                        user_logits = model.head_logits(feats, [e.user_id for e in batch])
-                        user_loss = ce(user_logits, labels)
-                        default_loss = ce(model.heads[DEFAULT_HEAD](feats), labels)
-                        loss = user_loss + default_loss
-                        _step(loss, params, opt, sched, max_grad_norm)
-                        steps += 1
-                        for k, v in (("loss", loss), ("user_loss", user_loss), ("default_loss", default_loss)):
-                            sums[k] += v.detach().item()
-                        if epoch == epochs - 1:
-                            correct += int((user_logits.argmax(-1) == labels).sum())
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss.detach().item():.3f}")
+            for epoch, epoch_batches in enumerate(plan):
+                for batch in epoch_batches:
+                    uids, queries, texts, extra = rows_of(batch)
+                    feats = model.encode(queries, texts)
+                    extra = model.extra_tensor(extra)
+                    user_loss, right = batch_loss(batch, model.head_logits(feats, uids, extra))
+                    default_loss, _ = batch_loss(batch, model.heads[DEFAULT_HEAD](feats, extra))
+                    loss = user_loss + default_loss
+                    if proximal_mu:
+                        loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in
+                                                             zip(model.trainable_base_parameters(), anchor))
+                    _step(loss, params, opt, sched, max_grad_norm)
+                    steps += 1
+                    for k, v in (("loss", loss), ("user_loss", user_loss), ("default_loss", default_loss)):
+                        sums[k] += v.detach().item()
+                    if epoch == epochs - 1:
+                        correct += right
+                if say:
+                    say(f"epoch {epoch + 1}/{epochs}: mean loss {sums['loss'] / steps:.4f}")
+                elif progress:
+                    print(f"train stage: epoch {epoch + 1}/{epochs}, mean loss {sums['loss'] / steps:.4f}", flush=True)
         finally:
             model.train(was_training)
     return {**{k: v / steps for k, v in sums.items()}, "accuracy": correct / len(examples),
@@ -140,34 +230,44 @@ def train_stage(model: HydraScorer, examples: list[ScoredExample], epochs: int =
 
 
 @torch.no_grad()
-def _features(model: HydraScorer, examples: list[ScoredExample], batch_size: int, progress: bool) -> torch.Tensor:
-    """First-token features of every example, each distinct (query, text) encoded once, in eval mode."""
-    pairs = list(dict.fromkeys((e.query, e.text) for e in examples))
+def _features(model: HydraScorer, examples: list[Example], batch_size: int) -> list[torch.Tensor]:
+    """First-token features of every example's rows (one [rows, H] tensor per example), each distinct
+    (query, text) encoded once, in eval mode."""
+    pairs: dict[tuple[str, str], int] = {}
+    for e in examples:
+        for t in ([e.text] if isinstance(e, ScoredExample) else e.texts):
+            pairs.setdefault((e.query, t), len(pairs))
+    keys = list(pairs)
     was_training = model.training
     model.eval()
-    chunks = []
     try:
-        for s in tqdm(range(0, len(pairs), batch_size), desc="fit stage: encode", disable=not progress, unit="batch"):
-            chunk = pairs[s:s + batch_size]
-            chunks.append(model.encode([q for q, _ in chunk], [t for _, t in chunk]))
+        chunks = [model.encode([q for q, _ in keys[s:s + batch_size]], [t for _, t in keys[s:s + batch_size]])
+                  for s in range(0, len(keys), batch_size)]
     finally:
         model.train(was_training)
     feats = torch.cat(chunks)
-    row = {p: i for i, p in enumerate(pairs)}
-    return feats[torch.tensor([row[(e.query, e.text)] for e in examples], device=feats.device)]
+    out = []
+    for e in examples:
+        texts = [e.text] if isinstance(e, ScoredExample) else e.texts
+        out.append(feats[torch.tensor([pairs[(e.query, t)] for t in texts], device=feats.device)])
+    return out
 
 
-def fit_stage(model: HydraScorer, examples: list[ScoredExample], epochs: int = 2, lr: float = 2e-5,
+def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: float = 2e-5,
               head_lr: float | None = None, batch_size: int = 64, weight_decay: float = 0.01, seed: int = 0,
-              progress: bool = True, reset_heads: bool = False, max_grad_norm: float = 1.0) -> dict:
+              progress: bool = True, init: str = "default", max_grad_norm: float = 1.0,
+              say: Say | None = None) -> dict:
     """Fit the examples' users' heads on a frozen base (HYDRA's fit stage for unseen users).
 
-    Only heads train, at `head_lr` (default: `lr`, as HYDRA); the signature mirrors train_stage.
-    Users without a head get a fresh one; `reset_heads=True` re-initialises existing heads too
-    (HYDRA's behaviour). Only those heads change: the base is checked bit-identical afterwards
-    (RuntimeError otherwise) and the default head is not trained. Returns {loss, accuracy,
+    Only heads train, at `head_lr` (default: `lr`, as HYDRA). `init`: "default" starts every user's head
+    as a copy of the trained default head (FedHydra: a user with little history stays near it), "random"
+    re-initialises it (HYDRA), "keep" continues from the head it has. The base is checked bit-identical
+    afterwards (RuntimeError otherwise) and the default head is not trained. Returns {loss, accuracy,
     examples, users, steps, epochs, seconds}.
     """
+    if init not in ("default", "random", "keep"):
+        raise ValueError(f"init must be default, random or keep, got {init!r}")
+    examples = [e for e in examples if not getattr(e, "held_out", False)]
     _check_args(examples, epochs, batch_size, [lr, head_lr])
     start = time.perf_counter()
     users = _users_in_order(examples)
@@ -175,39 +275,34 @@ def fit_stage(model: HydraScorer, examples: list[ScoredExample], epochs: int = 2
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)
         for uid in users:
-            if reset_heads or not model.has_user(uid):
-                model.add_user(uid, replace=True)
+            if init != "keep" or not model.has_user(uid):
+                model.add_user(uid, replace=True, from_default=init != "random")
         heads = [model.head(uid) for uid in users]
-        feats = _features(model, examples, batch_size, progress)
-        labels_all = torch.tensor([e.label for e in examples], device=feats.device)
-        uids_all = [e.user_id for e in examples]
+        feats = _features(model, examples, batch_size)
         groups = _param_groups(heads, head_lr or lr, weight_decay)
         params = [p for g in groups for p in g["params"]]
-        per_epoch = math.ceil(len(examples) / batch_size)
-        opt, sched = _optimizer(groups, per_epoch * epochs)
-        order = torch.Generator().manual_seed(seed)
-        ce = nn.CrossEntropyLoss()
-        total = 0.0
-        steps = correct = 0
+        order_rng = torch.Generator().manual_seed(seed)
+        index = {id(e): i for i, e in enumerate(examples)}
+        plan = [batches(examples, torch.randperm(len(examples), generator=order_rng).tolist(), batch_size)
+                for _ in range(epochs)]
+        opt, sched = _optimizer(groups, sum(len(p) for p in plan))
+        total, steps, correct = 0.0, 0, 0
         modes = [h.training for h in heads]
         for h in heads:
             h.train()
         try:
-            with tqdm(total=per_epoch * epochs, desc="fit stage", disable=not progress, unit="step") as bar:
-                for epoch in range(epochs):
-                    perm = torch.randperm(len(examples), generator=order)
-                    for b in range(per_epoch):
-                        idx = perm[b * batch_size:(b + 1) * batch_size]
-                        labels = labels_all[idx.to(labels_all.device)]
-                        logits = model.head_logits(feats[idx.to(feats.device)], [uids_all[i] for i in idx.tolist()])
-                        loss = ce(logits, labels)
-                        _step(loss, params, opt, sched, max_grad_norm)
-                        steps += 1
-                        total += loss.detach().item()
-                        if epoch == epochs - 1:
-                            correct += int((logits.argmax(-1) == labels).sum())
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss.detach().item():.3f}")
+            for epoch, epoch_batches in enumerate(plan):
+                for batch in epoch_batches:
+                    uids, _, _, extra = rows_of(batch)
+                    rows = torch.cat([feats[index[id(e)]] for e in batch])
+                    loss, right = batch_loss(batch, model.head_logits(rows, uids, model.extra_tensor(extra)))
+                    _step(loss, params, opt, sched, max_grad_norm)
+                    steps += 1
+                    total += loss.detach().item()
+                    if epoch == epochs - 1:
+                        correct += right
+                if say:
+                    say(f"fit epoch {epoch + 1}/{epochs}: mean loss {total / steps:.4f}")
         finally:
             for h, m in zip(heads, modes):
                 h.train(m)

@@ -1,55 +1,69 @@
-"""The server's checkpoint after every completed round: shared arrays, round number, history.
+"""The server's checkpoint after every completed round: shared arrays, strategy state, round, history.
 
-    OUT/checkpoint/shared-round-<r>.safetensors   the aggregated shared arrays after round r
-    OUT/checkpoint/progress.json                  {"round": r, "weights": "shared-round-<r>.safetensors",
-                                                   "fingerprint": ..., "history": [...]}
+    OUT/checkpoint/round-<r>.safetensors   the shared arrays of both modules after round r, and the state
+                                           of the strategy of the module trained in round r ("strategy/...")
+    OUT/checkpoint/progress.json           {"round": r, "weights": "round-<r>.safetensors",
+                                            "fingerprint": ..., "history": [...]}
 
-progress.json is the commit point: it is replaced atomically only after the weights it names
-are completely on disk, and older weight files are removed after that, so a server killed at
-any moment resumes from a complete round. FedAvg keeps no state beyond the arrays, and client
-sampling is derived from (seed, round), so nothing else is needed to continue exactly.
+progress.json is the commit point: it is replaced atomically only after the weights it names are
+completely on disk, and older weight files are removed after that, so a server killed at any moment
+resumes from a complete round. Client sampling is derived from (seed, round), so nothing else is needed
+to continue exactly. A checkpoint made under other settings is refused (the fingerprint).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from fedhydra.common.files import write_atomic
 
 PROGRESS = "progress.json"
+STRATEGY = "strategy/"
+# Settings that do not change what a run computes: a resume may change them.
+FREE_SETTINGS = ("out", "resume", "stop-after-round", "round-timeout", "node-wait", "min-nodes", "threads",
+                 "llm-threads", "cache-dir", "state-root", "llm-api-key-env")
 
 
-def save(folder: str | os.PathLike, server_round: int, arrays: dict[str, torch.Tensor], fingerprint: str,
-         history: list[dict]) -> None:
-    from safetensors.torch import save_file
+def fingerprint(values: dict) -> str:
+    """What a checkpoint must match to be continued: every setting but FREE_SETTINGS."""
+    keep = {k: v for k, v in sorted(values.items()) if k not in FREE_SETTINGS}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save(folder: str | os.PathLike, server_round: int, arrays: dict[str, np.ndarray], fingerprint: str,
+         history: list[dict], strategy_state: dict[str, np.ndarray] | None = None) -> None:
+    from safetensors.numpy import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"shared-round-{server_round}.safetensors"
+    name = f"round-{server_round}.safetensors"
+    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    tensors |= {STRATEGY + k: np.ascontiguousarray(v) for k, v in (strategy_state or {}).items()}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in arrays.items()}, tmp)
+        save_file(tensors, tmp)
         os.replace(tmp, folder / name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     progress = {"round": server_round, "weights": name, "fingerprint": fingerprint, "history": history}
     write_atomic(folder / PROGRESS, json.dumps(progress, indent=1) + "\n")
-    for old in folder.glob("shared-round-*.safetensors"):
+    for old in folder.glob("round-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
 
 
-def load(folder: str | os.PathLike, fingerprint: str) -> tuple[int, dict[str, torch.Tensor], list[dict]] | None:
-    """(last completed round, its shared arrays, history), or None when there is no checkpoint.
-    A checkpoint of a different run configuration is refused rather than silently continued."""
-    from safetensors.torch import load_file
+def load(folder: str | os.PathLike, fingerprint: str):
+    """(last completed round, shared arrays, strategy state, history), or None when there is no checkpoint.
+    A checkpoint of a different configuration is refused rather than silently continued."""
+    from safetensors.numpy import load_file
 
     folder = Path(folder)
     path = folder / PROGRESS
@@ -57,6 +71,9 @@ def load(folder: str | os.PathLike, fingerprint: str) -> tuple[int, dict[str, to
         return None
     progress = json.loads(path.read_text(encoding="utf-8"))
     if progress.get("fingerprint") != fingerprint:
-        raise ValueError(f"the checkpoint in {folder} is from a run with another configuration "
-                         "(task, rounds, sizes or seed); use another --out or drop --resume")
-    return int(progress["round"]), load_file(str(folder / progress["weights"])), list(progress["history"])
+        raise ValueError(f"the checkpoint in {folder} is from a run with other settings "
+                         "(task, sizes, strategy, rounds or seed); use another out folder or drop resume")
+    tensors = load_file(str(folder / progress["weights"]))
+    shared = {k: v for k, v in tensors.items() if not k.startswith(STRATEGY)}
+    state = {k[len(STRATEGY):]: v for k, v in tensors.items() if k.startswith(STRATEGY)}
+    return int(progress["round"]), shared, state, list(progress["history"])

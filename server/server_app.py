@@ -1,12 +1,15 @@
-"""The Flower ServerApp: FedAvg over the shared bases, then fit-and-evaluate on unseen-user clients.
+"""The Flower ServerApp: Flower's strategies train the shared bases, then unseen users' clients fit and answer.
 
-1. Ask every node which users it holds (train users, unseen test users).
-2. Train stage: rounds 1..R train the reranker, R+1..2R the adapter. Each round sends the shared
-   arrays of both modules to the (sampled) train clients and averages the returned module's
-   arrays weighted by their number of examples. A checkpoint is written after every round.
-3. Fit-and-evaluate: the final shared arrays go to the test clients, which fit their users'
-   heads locally and return additive metric statistics; summed, they give the task's metrics
-   over all test users (not a mean of client means).
+1. Ask every node what it holds (query.describe): train users, unseen test users, the task.
+2. Train stage, one Flower strategy per module (server/strategy.py): rounds 1..R train the reranker,
+   R+1..2R the adapter. A train message carries exactly the module it trains, and the reply returns
+   the same arrays, so Flower's mods and DP wrappers apply. Before the adapter rounds the final
+   reranker is installed on the train clients (query.install): the adapter's labels come from prompts
+   built with it. A checkpoint (arrays + strategy state) is written after every round.
+3. Calibration (adapter-margin auto): train clients score held-out training queries with the final
+   adapter and return additive sums per margin; the server picks the margin (evaluate.calibrate).
+4. Fit-and-evaluate: the final bases go to the test clients, which fit their users' heads locally and
+   return additive metric statistics; summed, they give the task's metrics over all test users.
 Everything lands in OUT/federated.json (per-round metrics, bytes per client per round).
 """
 
@@ -18,62 +21,72 @@ import time
 from logging import INFO
 from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedhydra.common import settings
+from fedhydra.common.config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
 from fedhydra.common.files import write_atomic
-from fedhydra.common.hydra import HydraModels, shared_arrays
+from fedhydra.common.hydra import MODULES, HydraModels, digest, shared_arrays
 from fedhydra.common.metrics import metrics_from_stats
+from fedhydra.common.selection import pick_margin
 from fedhydra.common.tasks import get_task
 
 from . import checkpoint
-from .settings import FedSettings
+from .strategy import NodeSubset, load_state_arrays, make_strategy, state_arrays
 
 
 def _log(text: str) -> None:
     log(INFO, "[fedhydra] %s", text)  # Flower's logger: shown by the simulation and deployment runtimes alike
 
 
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
 def _nbytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
 
 
-def _config(settings: FedSettings, **extra) -> ConfigRecord:
-    return ConfigRecord({"hydra-config": json.dumps(settings.hydra.as_dict()), "llm": settings.llm,
-                         "llm-base-url": settings.llm_base_url, "llm-model": settings.llm_model, **extra})
+def of_module(arrays: dict[str, np.ndarray], module: str) -> dict[str, np.ndarray]:
+    return {k: v for k, v in arrays.items() if k.startswith(module + "/")}
 
 
-def _replies(grid: Grid, messages: list[Message], timeout: float, what: str) -> list[Message]:
-    """The successful replies; failed or silent nodes are reported and left out of this round."""
+def _exchange(grid: Grid, messages: list[Message], timeout: float, what: str) -> list[Message]:
+    """Send, wait, and keep the successful replies; failed or silent nodes are reported and left out."""
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-    ok = [r for r in replies if not r.has_error()]
     for r in replies:
         if r.has_error():
             _log(f"{what}: node {r.metadata.src_node_id} failed: {r.error.reason}")
     if len(replies) < len(messages):
         _log(f"{what}: {len(messages) - len(replies)} node(s) did not answer within {timeout:.0f} s")
-    return ok
+    return [r for r in replies if not r.has_error()]
 
 
-def discover(grid: Grid, settings: FedSettings) -> dict[int, dict]:
-    """node id -> {"train-users", "test-users"} for every connected node (waits for min-nodes)."""
-    deadline = time.monotonic() + settings.node_wait
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < settings.min_nodes:
+def _send(grid: Grid, nodes: list[int], message_type: str, content: dict, values: dict, what: str) -> list[Message]:
+    msgs = [Message(RecordDict(content), dst_node_id=n, message_type=message_type) for n in nodes]
+    return _exchange(grid, msgs, float(values["round-timeout"]), what)
+
+
+def discover(grid: Grid, values: dict) -> dict[int, dict]:
+    """node id -> {"train-users", "test-users", "task"} for every connected node (waits for min-nodes)."""
+    deadline = time.monotonic() + float(values["node-wait"])
+    while len(nodes := list(grid.get_node_ids())) < int(values["min-nodes"]):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of min-nodes={settings.min_nodes} nodes connected "
-                               f"within {settings.node_wait:.0f} s")
+            raise RuntimeError(f"only {len(nodes)} of min-nodes={values['min-nodes']} nodes connected "
+                               f"within {values['node-wait']:.0f} s")
         time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
-    asks = [Message(RecordDict({"config": ConfigRecord({"action": "describe"})}), dst_node_id=n,
-                    message_type=MessageType.QUERY) for n in nodes]
     roles = {}
-    for r in _replies(grid, asks, settings.round_timeout, "describe"):
+    for r in _send(grid, nodes, "query.describe", {"config": ConfigRecord({})}, values, "describe"):
         m, task = r.content["metrics"], str(r.content["config"]["task"])
-        if settings.task and task != settings.task:
-            raise RuntimeError(f"node {r.metadata.src_node_id} holds {task} users, but the run is for {settings.task}")
+        if values["task"] and task != values["task"]:
+            raise RuntimeError(f"node {r.metadata.src_node_id} holds {task} users, but the run is for {values['task']}")
         roles[r.metadata.src_node_id] = {"train-users": int(m["train-users"]), "test-users": int(m["test-users"]),
                                          "task": task}
     if len({r["task"] for r in roles.values()}) > 1:
@@ -81,57 +94,57 @@ def discover(grid: Grid, settings: FedSettings) -> dict[int, dict]:
     return roles
 
 
-def aggregate(replies: list[Message]) -> dict[str, torch.Tensor]:
-    """FedAvg: the mean of the clients' arrays weighted by their number of training examples."""
-    weights = [float(r.content["metrics"]["num-examples"]) for r in replies]
-    total = sum(weights)
-    if total <= 0:
-        raise RuntimeError("no client reported training examples this round")
-    out: dict[str, torch.Tensor] = {}
-    for r, w in zip(replies, weights):
-        for k, v in r.content["arrays"].to_torch_state_dict().items():
-            v = v.to(torch.float64) * (w / total)
-            out[k] = out[k] + v if k in out else v
-    return {k: v.to(torch.float32) for k, v in out.items()}
-
-
-def train_round(grid: Grid, settings: FedSettings, server_round: int, nodes: list[int],
-                shared: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    module = settings.module_of(server_round)
-    if settings.clients_per_round and settings.clients_per_round < len(nodes):
-        nodes = sorted(random.Random(f"{settings.hydra.seed}:{server_round}").sample(nodes, settings.clients_per_round))
+def train_round(grid: Grid, values: dict, strategy, server_round: int, phase_round: int, module: str,
+                nodes: list[int], arrays: dict[str, np.ndarray], reranker_digest: str) -> tuple[dict, dict]:
+    """One round of `module` run by the strategy; returns (the module's new arrays, the round's record)."""
     t0 = time.perf_counter()
-    arrays = ArrayRecord(shared)
-    down = _nbytes(arrays)
-    msgs = [Message(RecordDict({"arrays": arrays, "config": _config(settings, module=module, **{
-        "server-round": server_round})}), dst_node_id=n, message_type=MessageType.TRAIN,
-        group_id=str(server_round)) for n in nodes]
-    replies = _replies(grid, msgs, settings.round_timeout, f"round {server_round}")
-    if not replies:
+    record = _record(arrays)
+    config = ConfigRecord({"module": module, "round": server_round, "reranker-digest": reranker_digest})
+    random.seed(f"{values['seed']}:{server_round}")  # Flower samples with `random`: a resumed run samples alike
+    messages = list(strategy.configure_train(phase_round, record, config, NodeSubset(grid, nodes)))
+    replies = _exchange(grid, messages, float(values["round-timeout"]), f"round {server_round}")
+    new, _ = strategy.aggregate_train(phase_round, replies)
+    if new is None:
         raise RuntimeError(f"round {server_round}: no train client answered")
-    updated = aggregate(replies)
-    merged = {**shared, **updated}
-    n = sum(float(r.content["metrics"]["num-examples"]) for r in replies)
-    mean = lambda key: sum(float(r.content["metrics"][key]) * float(r.content["metrics"]["num-examples"])  # noqa: E731
-                           for r in replies) / n
-    record = {"round": server_round, "module": module, "clients": len(replies), "sent_to": len(nodes),
-              "examples": int(n), "loss": mean("loss"), "accuracy": mean("accuracy"),
-              "llm_calls": int(sum(float(r.content["metrics"]["llm-calls"]) for r in replies)),
-              "tokens": int(sum(float(r.content["metrics"]["tokens"]) for r in replies)),
-              "cache_hits": int(sum(float(r.content["metrics"]["cache-hits"]) for r in replies)),
-              "seconds": round(time.perf_counter() - t0, 2),
-              "bytes": {str(r.metadata.src_node_id): {"down": down, "up": _nbytes(r.content["arrays"])}
-                        for r in replies}}
-    return merged, record
+    metrics = [r.content["metrics"] for r in replies]
+    n = sum(float(m["num-examples"]) for m in metrics)
+    total = lambda key: sum(float(m[key]) for m in metrics)  # noqa: E731
+    down = _nbytes(record)
+    doc = {"round": server_round, "module": module, "clients": len(replies), "sent_to": len(messages),
+           "examples": int(n), "loss": sum(float(m["loss"]) * float(m["num-examples"]) for m in metrics) / n,
+           "llm_calls": int(total("llm-calls")), "tokens": int(total("tokens")),
+           "cache_hits": int(total("cache-hits")), "seconds": round(time.perf_counter() - t0, 2),
+           "bytes": {str(r.metadata.src_node_id): {"down": down, "up": _nbytes(r.content["arrays"])} for r in replies}}
+    return _numpy(new), doc
 
 
-def fit_and_evaluate(grid: Grid, settings: FedSettings, nodes: list[int], shared: dict[str, torch.Tensor],
+def install(grid: Grid, values: dict, nodes: list[int], arrays: dict[str, np.ndarray], module: str) -> int:
+    """Send a module's final arrays to `nodes` to keep (the reranker, before the adapter rounds)."""
+    ok = _send(grid, nodes, "query.install", {"arrays": _record(arrays), "config": ConfigRecord({"module": module})},
+               values, f"install {module}")
+    _log(f"final {module} installed on {len(ok)} of {len(nodes)} train clients")
+    return len(ok)
+
+
+def calibrate(grid: Grid, values: dict, nodes: list[int], adapter: dict[str, np.ndarray]) -> dict:
+    """The adapter margin chosen from the train clients' additive sums over held-out training queries."""
+    replies = _send(grid, nodes, "evaluate.calibrate", {"arrays": _record(adapter), "config": ConfigRecord({})},
+                    values, "calibrate")
+    sums: dict[str, float] = {}
+    for r in replies:
+        for k, v in r.content["metrics"].items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    choice = pick_margin(sums)
+    _log(f"adapter margin {choice['margin']} from {choice['queries']} held-out queries on {len(replies)} clients")
+    return choice
+
+
+def fit_and_evaluate(grid: Grid, values: dict, nodes: list[int], shared: dict[str, np.ndarray], margin: float,
                      task_name: str) -> dict:
     t0 = time.perf_counter()
-    arrays = ArrayRecord(shared)
-    msgs = [Message(RecordDict({"arrays": arrays, "config": _config(settings)}), dst_node_id=n,
-                    message_type=MessageType.EVALUATE) for n in nodes]
-    replies = _replies(grid, msgs, settings.round_timeout, "fit-and-evaluate")
+    record = _record(shared)
+    replies = _send(grid, nodes, "evaluate", {"arrays": record, "config": ConfigRecord({"margin": margin})},
+                    values, "fit-and-evaluate")
     if not replies:
         raise RuntimeError("fit-and-evaluate: no test client answered")
     stats: dict[str, float] = {}
@@ -143,63 +156,74 @@ def fit_and_evaluate(grid: Grid, settings: FedSettings, nodes: list[int], shared
     return {"metrics": metrics_from_stats(get_task(task_name), stats), "users": total("users"),
             "clients": len(replies), "sent_to": len(nodes), "llm_calls": total("llm-calls"),
             "tokens": total("tokens"), "cache_hits": total("cache-hits"), "seconds": round(time.perf_counter() - t0, 2),
-            "bytes_down_per_client": _nbytes(arrays)}
+            "bytes_down_per_client": _nbytes(record)}
 
 
-def run(grid: Grid, settings: FedSettings) -> dict:
+def run(grid: Grid, values: dict) -> dict:
     """The whole federated job; returns (and writes) what OUT/federated.json holds."""
-    out = Path(settings.out)
-    roles = discover(grid, settings)
+    out, cfg = Path(values["out"]), HydraConfig.from_settings(values)
+    rounds = int(values["rounds"])
+    roles = discover(grid, values)
     if not roles:
         raise RuntimeError("no node answered the describe query")
-    task_name = settings.task or next(iter(roles.values()))["task"]
+    task_name = values["task"] or next(iter(roles.values()))["task"]
     train_nodes = sorted(n for n, r in roles.items() if r["train-users"])
     test_nodes = sorted(n for n, r in roles.items() if r["test-users"])
-    _log(f"{len(roles)} nodes: {len(train_nodes)} train clients, {len(test_nodes)} test clients")
+    _log(f"{len(roles)} nodes: {len(train_nodes)} train clients, {len(test_nodes)} test clients; "
+         f"strategy {values['strategy']}, {rounds} rounds per module")
     if not train_nodes:
         raise RuntimeError("no connected node holds training users")
-    start, history = 0, []
-    restored = checkpoint.load(out / "checkpoint", settings.fingerprint()) if settings.resume else None
+    fp = checkpoint.fingerprint(values)
+    start, history, state = 0, [], {}
+    restored = checkpoint.load(out / "checkpoint", fp) if values["resume"] else None
     if restored:
-        start, shared, history = restored
-        _log(f"resuming after round {start} of {settings.total_rounds()}")
-    else:
-        shared = shared_arrays(HydraModels.new(settings.hydra))  # seeded: every run starts identically
-    doc = {"task": task_name, "settings": {"rounds per module": settings.rounds, "local epochs": settings.local_epochs,
-                                          "clients per round": settings.clients_per_round or len(train_nodes)},
-           "config": settings.hydra.as_dict(), "nodes": {"train": len(train_nodes), "test": len(test_nodes)},
-           "rounds": history, "status": "running"}
-    for server_round in range(start + 1, settings.total_rounds() + 1):
-        shared, record = train_round(grid, settings, server_round, train_nodes, shared)
-        history.append(record)
-        checkpoint.save(out / "checkpoint", server_round, shared, settings.fingerprint(), history)
-        up = max(b["up"] for b in record["bytes"].values())
-        _log(f"round {server_round}/{settings.total_rounds()} ({record['module']}): {record['clients']} clients, "
-             f"loss {record['loss']:.4f}, {record['seconds']:.1f} s, up {up / 1e6:.1f} MB/client")
-        if settings.stop_after_round and server_round == settings.stop_after_round < settings.total_rounds():
-            doc["status"] = f"stopped after round {server_round}"
-            write_atomic(out / "federated.json", json.dumps(doc, indent=1) + "\n")
-            _log(doc["status"] + "; continue with resume=true")
-            return doc
+        start, shared, state, history = restored
+        _log(f"resuming after round {start} of {2 * rounds}")
+    else:  # seeded: every run starts from the same weights
+        shared = {k: v.numpy() for k, v in shared_arrays(HydraModels.new(cfg)).items()}
+    doc = {"task": task_name, "settings": values, "config": cfg.as_dict(),
+           "nodes": {"train": len(train_nodes), "test": len(test_nodes)}, "rounds": history, "status": "running"}
+    for i, module in enumerate(MODULES):
+        first, last = i * rounds + 1, (i + 1) * rounds
+        if start >= last:
+            continue
+        strategy = make_strategy(values)
+        if state and start >= first:  # resuming inside this module's rounds
+            load_state_arrays(strategy, state)
+        reranker_digest = digest(of_module(shared, "reranker")) if module == "adapter" else ""
+        if module == "adapter":
+            install(grid, values, train_nodes, of_module(shared, "reranker"), "reranker")
+        for server_round in range(max(start + 1, first), last + 1):
+            arrays, record = train_round(grid, values, strategy, server_round, server_round - first + 1, module,
+                                         train_nodes, of_module(shared, module), reranker_digest)
+            shared |= arrays
+            history.append(record)
+            checkpoint.save(out / "checkpoint", server_round, shared, fp, history, state_arrays(strategy))
+            up = max(b["up"] for b in record["bytes"].values())
+            _log(f"round {server_round}/{2 * rounds} ({module}): {record['clients']} clients, loss "
+                 f"{record['loss']:.4f}, {record['seconds']:.1f} s, up {up / 1e6:.1f} MB/client")
+            if values["stop-after-round"] and server_round == values["stop-after-round"] < 2 * rounds:
+                doc["status"] = f"stopped after round {server_round}"
+                write_atomic(out / "federated.json", json.dumps(doc, indent=1) + "\n")
+                _log(doc["status"] + "; continue with resume=true")
+                return doc
+    margin = cfg.margin
+    if margin == MARGIN_AUTO:
+        doc["calibration"] = calibrate(grid, values, train_nodes, of_module(shared, "adapter"))
+        margin = doc["calibration"]["margin"]
+    doc["margin"] = margin
     if test_nodes:
-        doc["evaluation"] = fit_and_evaluate(grid, settings, test_nodes, shared, task_name)
+        sent = -1.0 if margin == MARGIN_OFF else float(margin)
+        doc["evaluation"] = fit_and_evaluate(grid, values, test_nodes, shared, sent, task_name)
         _log(f"fit-and-evaluate on {doc['evaluation']['users']} unseen users: {doc['evaluation']['metrics']}")
     doc["status"] = "done"
     write_atomic(out / "federated.json", json.dumps(doc, indent=1) + "\n")
     return doc
 
 
-def make_server_app(defaults: dict | None = None) -> ServerApp:
-    """A ServerApp whose run config falls back to `defaults` (the simulation harness passes them)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        settings = FedSettings.from_config(context.run_config, defaults)
-        run(grid, settings)
-
-    return app
+app = ServerApp()  # `flwr run` loads it (pyproject: [tool.flwr.app.components])
 
 
-# The app `flwr run` loads (pyproject: [tool.flwr.app.components]).
-app = make_server_app()
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run(grid, settings.resolve(context.run_config))

@@ -1,15 +1,24 @@
-"""Run methods over the same users and LLM, and measure each: metrics, LLM usage, wall time."""
+"""Run methods over the same users and LLM, measure each (metrics, LLM usage, wall time), and compare
+them with the best prompt baseline: the ratio and its 95% paired bootstrap interval over users.
+
+Reference methods on the same users (no training, no extra LLM call):
+- copy-input (generation): the query's content itself as the answer, an honest trivial baseline;
+- mbr, closest: training-free picks among the candidates hydra saw (selection.py);
+- oracle: the best of those candidates by the gold, a diagnostic upper bound, never a method.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-from tqdm import tqdm
+import numpy as np
 
-from fedhydra.common.baselines import Answer, Baseline
+from fedhydra.common import selection
+from fedhydra.common.baselines import Baseline
 from fedhydra.common.llm.base import LLM
-from fedhydra.common.metrics import evaluate
+from fedhydra.common.metrics import evaluate, rating_value, rouge_pair, is_correct
+from fedhydra.common.pipeline import Answer
 from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever
 from fedhydra.common.tasks import Task
@@ -17,6 +26,9 @@ from fedhydra.common.tasks import Task
 from .results import MethodResult
 
 AnswerFn = Callable[[User], Answer]
+PROMPT_BASELINES = ("zero-shot", "rag-")
+REFERENCES = ("copy-input", "mbr", "closest", "oracle")
+BOOTSTRAP = 2000
 
 
 def run_method(name: str, task: Task, users: list[User], answer: AnswerFn, llm: LLM,
@@ -27,15 +39,21 @@ def run_method(name: str, task: Task, users: list[User], answer: AnswerFn, llm: 
         raise ValueError(f"{name}: users without a gold answer cannot be evaluated: {missing[:5]}")
     before, t0 = llm.stats.copy(), time.perf_counter()
     rows = []
-    for user in tqdm(users, desc=name, unit="user", disable=not progress):
+    for i, user in enumerate(users, 1):
         a = answer(user)
         rows.append({"id": user.id, "prediction": a.text, "gold": user.gold,
-                     "items": [i.get("id") for i in a.items], "candidates": a.candidates, "scores": a.scores})
-    wall = time.perf_counter() - t0
+                     "items": [it.get("id") for it in a.items], "candidates": a.candidates, "scores": a.scores})
+        if progress and (i % 10 == 0 or i == len(users)):
+            print(f"{name}: {i}/{len(users)} users", flush=True)
     used = llm.stats.minus(before)
-    metrics = evaluate(task, [r["prediction"] for r in rows], [r["gold"] for r in rows])
-    result = MethodResult(name, metrics, len(users), used.calls, used.tokens, used.cache_hits, round(wall, 2))
+    result = score_rows(name, task, rows, used.calls, used.tokens, used.cache_hits, time.perf_counter() - t0)
     return result, rows
+
+
+def score_rows(name: str, task: Task, rows: list[dict], calls: int = 0, tokens: int = 0, hits: int = 0,
+               wall: float = 0.0) -> MethodResult:
+    metrics = evaluate(task, [r["prediction"] for r in rows], [r["gold"] for r in rows])
+    return MethodResult(name, metrics, len(rows), calls, tokens, hits, round(wall, 2))
 
 
 def run_baselines(task: Task, users: list[User], methods: list[str], llm: LLM, seed: int = 0,
@@ -49,3 +67,67 @@ def run_baselines(task: Task, users: list[User], methods: list[str], llm: LLM, s
         results.append(r)
         predictions[name] = rows
     return results, predictions
+
+
+def references(task: Task, users: list[User], methods: list[str], candidates_of: dict[str, list[str]]):
+    """The reference methods in `methods`; mbr/closest/oracle pick among `candidates_of[user id]`."""
+    results, predictions = [], {}
+    by_id = {u.id: u for u in users}
+    for name in methods:
+        rows = []
+        for u in users:
+            query, cands = task.content(u.input), candidates_of.get(u.id) or []
+            if name == "copy-input":
+                if task.kind != "generation":
+                    raise ValueError("copy-input is a reference for generation tasks only")
+                text = query
+            elif not cands:
+                raise ValueError(f"{name} picks among hydra's candidates: run it with hydra or hydra-adapter")
+            elif name == "oracle":
+                text = cands[selection.oracle(task, cands, by_id[u.id].gold)]
+            else:
+                text = cands[getattr(selection, name)(task, query, cands)]
+            rows.append({"id": u.id, "prediction": text, "gold": u.gold, "candidates": cands})
+        results.append(score_rows(name, task, rows))
+        predictions[name] = rows
+    return results, predictions
+
+
+def per_user(task: Task, rows: list[dict]) -> np.ndarray:
+    """Each user's value of the task's first metric (generation: ROUGE-1 F; classification: correct; rating: |error|)."""
+    if task.kind == "generation":
+        return np.array([rouge_pair(r["prediction"], r["gold"])[0] for r in rows])
+    if task.kind == "classification":
+        return np.array([float(is_correct(task, r["prediction"], r["gold"])) for r in rows])
+    out = []
+    for r in rows:
+        gold, pred = rating_value(r["gold"]), rating_value(r["prediction"])
+        out.append(abs(gold - pred) if pred is not None else max(abs(gold - 1), abs(gold - 5)))
+    return np.array(out, dtype=float)
+
+
+def ratios(task: Task, predictions: dict[str, list[dict]], seed: int = 0) -> dict[str, dict]:
+    """Each method's ratio to the best prompt baseline on the same users (first metric; MAE inverted so that
+    above 1 is better), with a 95% paired bootstrap interval over users. {} without a prompt baseline."""
+    base = [m for m in predictions if m.startswith(PROMPT_BASELINES)]
+    if not base:
+        return {}
+    order = [u["id"] for u in predictions[base[0]]]
+    values = {}
+    for m, rows in predictions.items():
+        by = {r["id"]: r for r in rows}
+        if set(by) == set(order):
+            values[m] = per_user(task, [by[i] for i in order])
+    higher = task.higher_is_better
+    best = (max if higher else min)(base, key=lambda m: values[m].mean())
+    idx = np.random.default_rng(seed).integers(0, len(order), (BOOTSTRAP, len(order)))
+    out = {}
+    for m, v in values.items():
+        num, den = (v, values[best]) if higher else (values[best], v)
+        point = num.mean() / den.mean() if den.mean() else float("nan")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            boot = num[idx].mean(1) / den[idx].mean(1)
+        lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+        out[m] = {"ratio": round(float(point), 4), "low": round(float(lo), 4), "high": round(float(hi), 4),
+                  "baseline": best}
+    return out

@@ -1,14 +1,17 @@
-"""`fedhydra simulate`: a federated run on Flower's simulation runtime, beside the methods it must beat.
+"""`fedhydra simulate` (and `fedhydra demo`): the FedHydra Flower app on Flower's simulation runtime,
+beside the methods it must beat, on the same unseen test users.
 
-On the same unseen test users it runs:
 - zero-shot, rag-K:  prompt baselines (one greedy LLM call per query);
 - hydra:             centralized HYDRA, trained on all train users' data in one place;
-- hydra-fed:         FedHydra on Flower: train clients average their shared bases, test clients
-                     fit their heads locally and report only metric statistics;
-- hydra-local:       each test client alone: base and heads trained on its own users' history only.
-Train users and test users are disjoint; each client gets a private state folder under OUT/clients.
-The LLM answers land in one response cache (--cache-dir) that stands for the LLM provider, read
-through by every client's own cache, so identical prompts are answered once.
+- hydra-fed:         FedHydra through Flower's own CLI: a local SuperLink in simulation mode and
+                     `flwr run` of the app with these settings; train clients train the shared bases with
+                     the chosen Flower strategy, test clients fit their heads locally and report only
+                     metric statistics;
+- hydra-local:       each test client alone: base and heads trained on its own users' history only;
+- copy-input, mbr, closest, oracle: references on the same users (simulations/compare.py).
+Train users and test users are disjoint; each simulated client makes its own private state folder under
+OUT/clients from its partition. The LLM answers land in one response cache (cache-dir) that stands for
+the LLM provider, read through by every client's own cache, so identical prompts are answered once.
 """
 
 from __future__ import annotations
@@ -22,86 +25,42 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedhydra.common.data import load_split, split_users
-from fedhydra.common.llm import default_cache_dir
+from fedhydra.common.config import HydraConfig
+from fedhydra.common.llm import default_cache_dir, llm_from_settings
+from fedhydra.common.partition import federated_split, load_users
 from fedhydra.common.prompts import default_style
 from fedhydra.common.tasks import Task
 
-from .compare import run_baselines, run_method
-from .partition import PARTITIONERS, ClientSpec, prepare_clients
+from .compare import PROMPT_BASELINES, REFERENCES, ratios, references, run_baselines, run_method
+from .deployment import CLIENTAPP, Deployment, write_app
 from .results import MethodResult, markdown_table, write_results
 
-METHODS = ("zero-shot", "rag-4", "hydra", "hydra-local", "hydra-fed")
+FEDERATED = ("hydra", "hydra-local", "hydra-fed")
 
 
-def add_simulate_command(sub) -> None:
-    from fedhydra.common.cli import add_llm_options
-
-    p = sub.add_parser("simulate", help="federated HYDRA on Flower's simulation runtime, beside the baselines",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default=None, help="expected task (default: from the data)")
-    p.add_argument("--data", required=True, help="a LaMP split folder; its users are divided into clients")
-    p.add_argument("--clients", type=int, default=10, help="train clients (default 10)")
-    p.add_argument("--test-clients", type=int, default=5, help="clients of unseen users, evaluated (default 5)")
-    p.add_argument("--users-per-client", type=int, default=1, help="users each client holds (default 1)")
-    p.add_argument("--partitioner", choices=PARTITIONERS, default="id",
-                   help="id: users dealt out at random; profile-size: clients of similar history length")
-    p.add_argument("--rounds", type=int, default=3, help="FedAvg rounds per module (reranker, then adapter)")
-    p.add_argument("--local-epochs", type=int, default=1, help="epochs a client trains per round")
-    p.add_argument("--clients-per-round", type=int, default=0, help="train clients sampled per round (0 = all)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
-                                                                " (rag-K for any K)")
-    p.add_argument("--preset", default="cpu", choices=("cpu", "paper"), help="HYDRA sizes (default cpu)")
-    p.add_argument("--pseudo-queries", type=int, default=0, help="override the preset's pseudo-queries per user")
-    p.add_argument("--retrieve", type=int, default=0, help="override the preset's M (items BM25 gives the reranker)")
-    p.add_argument("--k", type=int, default=0, help="override the preset's k (items in the prompt)")
-    p.add_argument("--candidates", type=int, default=0, help="override the preset's B")
-    p.add_argument("--train-layers", type=int, default=0, help="override the trainable (shared) top encoder layers")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parallel", type=int, default=0,
-                   help="clients trained at once (default: one per CPU core; each loads its own LLM and encoders)")
-    p.add_argument("--out", required=True, help="results folder (clients' private states go in OUT/clients)")
-    p.add_argument("--resume", action="store_true", help="continue the federated run from OUT's last checkpoint")
-    p.add_argument("--stop-after-round", type=int, default=0, help="stop the federated run after this round")
-    add_llm_options(p)
-    p.set_defaults(func=simulate_command)
-
-
-def fed_settings(args: argparse.Namespace, task: Task, out: Path, cache_dir: Path) -> dict:
-    """The run config the ServerApp and the ClientApps get (server/settings.py)."""
-    return {"task": task.name, "rounds": args.rounds, "local-epochs": args.local_epochs,
-            "clients-per-round": args.clients_per_round, "min-nodes": 1, "preset": args.preset,
-            "pseudo-queries": args.pseudo_queries, "retrieve": args.retrieve, "k": args.k,
-            "candidates": args.candidates, "train-layers": args.train_layers, "seed": args.seed,
-            "llm": args.llm, "llm-base-url": args.llm_base_url or "", "llm-model": args.llm_model or "",
-            "out": str(out / "federated"), "resume": args.resume, "stop-after-round": args.stop_after_round,
-            "state-root": str((out / "clients").resolve()), "llm-shared-cache": str(cache_dir.resolve())}
-
-
-def run_federated(specs: list[ClientSpec], settings: dict, parallel: int) -> dict:
-    """Flower's simulation runtime (Ray): one virtual SuperNode per client; returns federated.json."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+def run_federated(values: dict, out: Path, parallel: int = 0, clientapp: str = CLIENTAPP,
+                  files: dict[str, str] | None = None, echo=print) -> dict:
+    """`flwr run` of the app on a local simulation SuperLink with one virtual node per client; returns federated.json."""
     import torch
-    from flwr.simulation import run_simulation
 
-    from fedhydra.client.client_app import make_client_app
-    from fedhydra.server.server_app import make_server_app
-
+    n = int(values["clients"]) + int(values["test-clients"])
     cores = os.cpu_count() or 1
-    parallel = max(1, min(parallel or cores, len(specs)))
-    gpus = (torch.cuda.device_count() / parallel) if torch.cuda.is_available() else 0.0
-    # Each client process runs its LLM and torch on its own core: threads = cores / parallel.
-    threads = max(1, cores // parallel)
-    client_defaults = {k: settings[k] for k in ("state-root", "llm", "llm-base-url", "llm-model", "llm-shared-cache")}
-    client_defaults |= {"llm-threads": threads, "threads": threads}
-    server_defaults = {k: v for k, v in settings.items() if k not in ("state-root", "llm-shared-cache")}
-    backend = {"client_resources": {"num_cpus": cores / parallel, "num_gpus": gpus},
-               "init_args": {"num_cpus": cores, "num_gpus": torch.cuda.device_count(), "log_to_driver": True}}
-    run_simulation(make_server_app(server_defaults), make_client_app(client_defaults), num_supernodes=len(specs),
-                   backend_config=backend)
-    path = Path(settings["out"]) / "federated.json"
-    if not path.is_file():
-        raise RuntimeError(f"the federated run wrote no {path}; see the log above")
+    parallel = max(1, min(parallel or cores, n))
+    threads = max(1, cores // parallel)  # each client runs its LLM and torch on its share of the cores
+    fed = values | {"out": str(out / "federated"), "state-root": str(out / "clients"), "min-nodes": n,
+                    "threads": threads, "llm-threads": threads}
+    app = write_app(out / "flower" / "app", fed, clientapp=clientapp, files=files)
+    options = {"num-supernodes": n, "client-resources-num-cpus": threads, "init-args-num-cpus": cores}
+    if torch.cuda.is_available():
+        options |= {"client-resources-num-gpus": torch.cuda.device_count() / parallel,
+                    "init-args-num-gpus": torch.cuda.device_count()}
+    with Deployment(out / "flower", simulation=True, log=echo) as deployment:
+        deployment.start_superlink()
+        info = deployment.run(app, echo=echo, federation_config=options)
+    path = out / "federated" / "federated.json"
+    if info.get("status") != "finished:completed" or not path.is_file():
+        raise RuntimeError(f"the federated run ended with status {info.get('status')}; "
+                           f"see {deployment.logs / 'flwr-run.log'}")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -114,24 +73,22 @@ def fed_result(task: Task, doc: dict, wall: float) -> MethodResult:
                         round(wall, 2))
 
 
-def run_local(task: Task, llm, specs: list[ClientSpec], cfg, progress: bool = True):
+def run_local(task: Task, llm, groups: list, cfg: HydraConfig):
     """hydra-local: every test client trains its own base and heads on its own users' history only."""
-    from tqdm import tqdm
-
-    from fedhydra.client.state import ClientState
-    from fedhydra.common.hydra import HydraModels, train
+    from fedhydra.common.hydra import HydraModels, resolve_margin, train
     from fedhydra.common.pipeline import HydraPipeline
     from fedhydra.common.retrieval import Retriever
 
     answers, users = {}, []
     before, t0 = llm.stats.copy(), time.perf_counter()
-    for spec in tqdm(specs, desc="hydra-local clients", unit="client", disable=not progress):
-        group = ClientState(spec.state).users("test")
+    for i, group in enumerate(groups, 1):
         models = HydraModels.new(cfg)  # one client's models at a time: answer, then let them go
-        train(task, llm, group, cfg, models, progress=False)
-        pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg)
+        report = train(task, llm, group, cfg, models)
+        margin = resolve_margin(cfg, report.get("calibration", {}).get("margin", "off"))
+        pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
         answers |= {u.id: pipe.answer(u, "full") for u in group}
         users += group
+        print(f"hydra-local: client {i}/{len(groups)} done", flush=True)
     result, rows = run_method("hydra-local", task, users, lambda u: answers[u.id], llm, progress=False)
     used = llm.stats.minus(before)
     result.llm_calls, result.tokens, result.cache_hits = used.calls, used.tokens, used.cache_hits
@@ -139,79 +96,86 @@ def run_local(task: Task, llm, specs: list[ClientSpec], cfg, progress: bool = Tr
     return result, rows
 
 
-def simulate_command(args: argparse.Namespace) -> Path:
-    from fedhydra.common.cli import llm_from_args
-    from fedhydra.server.settings import FedSettings
-
-    from .evaluate import best_prompt_ratio, run_hydra
+def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False) -> Path:
+    from .evaluate import check_methods, run_hydra
 
     t0 = time.perf_counter()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS and not m.startswith("rag-") and m != "zero-shot"]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)} (rag-K for any K)")
-    if args.clients < 1 or args.test_clients < 1:
-        raise ValueError(f"--clients ({args.clients}) and --test-clients ({args.test_clients}) must be at least 1")
-    split = load_split(args.data)
+    check_methods(methods, extra=FEDERATED)
+    out = Path(args.out).expanduser().resolve()
+    split = load_users(values)
     task = split.task
-    if args.task and args.task != task.name:
-        raise ValueError(f"--task {args.task} but the data is {task.name}")
-    k = args.users_per_client
-    train_users, test_users = split_users(split.users, args.clients * k, args.test_clients * k, args.seed)
-    out = Path(args.out)
-    specs = prepare_clients(out / "clients", task, train_users, test_users, k, args.partitioner, args.seed)
-    cache_dir = default_cache_dir(args.cache_dir)
-    settings = fed_settings(args, task, out, cache_dir)
-    fed = FedSettings.from_config({}, {k: v for k, v in settings.items() if k not in ("state-root", "llm-shared-cache")})
-    # centralized and local HYDRA train as long as a federated client: rounds x local epochs
-    cfg = replace(fed.hydra, epochs=args.rounds * args.local_epochs)
-    llm = llm_from_args(args)
-    print(f"FedHydra simulate: {task.name}, {len(specs)} clients ({args.clients} train, {args.test_clients} test, "
-          f"{k} user(s) each), {args.rounds} rounds per module, LLM {llm.name}, preset {cfg.preset}", flush=True)
+    parts = federated_split(split, values)
+    test_groups = [users for role, users in parts if role == "test"]
+    train_users = [u for role, users in parts if role == "train" for u in users]
+    test_users = [u for group in test_groups for u in group]
+    if not test_users:
+        raise ValueError("--test-clients must be at least 1: the methods are compared on the test clients' users")
+    values = values | {"cache-dir": str(default_cache_dir(values["cache-dir"] or None).resolve()),
+                       "task": task.name}
+    cfg = HydraConfig.from_settings(values)
+    # centralized and local HYDRA train as long as a federated client: rounds x epochs per round
+    central = replace(cfg, epochs=values["rounds"] * cfg.epochs)
+    llm = llm_from_settings(values)
+    print(f"FedHydra {'demo' if demo else 'simulate'}: {task.name}, {len(parts)} clients ({values['clients']} train, "
+          f"{values['test-clients']} test, {values['users-per-client']} user(s) each), strategy {values['strategy']}, "
+          f"{values['rounds']} rounds per module, LLM {llm.name}, preset {cfg.preset}", flush=True)
 
-    results, predictions, extra = [], {}, {"config": cfg.as_dict(), "simulation": settings}
-    baselines = [m for m in methods if m == "zero-shot" or m.startswith("rag-")]
+    results, predictions, extra = [], {}, {"config": cfg.as_dict(), "settings": values}
+    baselines = [m for m in methods if m.startswith(PROMPT_BASELINES)]
     if baselines:
-        r, p = run_baselines(task, test_users, baselines, llm, seed=args.seed)
+        r, p = run_baselines(task, test_users, baselines, llm, seed=cfg.seed, style=cfg.style_or_none)
         results += r
         predictions |= p
     if "hydra" in methods:
-        r, p, report, _ = run_hydra(task, llm, train_users, test_users, ["hydra"], cfg)
+        r, p, report, _ = run_hydra(task, llm, train_users, test_users, ["hydra"], central)
         results += r
         predictions |= p
         extra["hydra training"] = report
     if "hydra-local" in methods:
-        r, rows = run_local(task, llm, [s for s in specs if s.role == "test"], cfg)
+        r, rows = run_local(task, llm, test_groups, central)
         results.append(r)
         predictions["hydra-local"] = rows
+    refs = [m for m in methods if m in REFERENCES]
+    if refs:
+        r, p = references(task, test_users, refs, {row["id"]: row["candidates"] for row in predictions.get("hydra", [])})
+        results += r
+        predictions |= p
     if "hydra-fed" in methods:
-        print("federated run (Flower simulation runtime):", flush=True)
+        print("federated run (Flower's simulation runtime, flwr run):", flush=True)
         t1 = time.perf_counter()
-        doc = run_federated(specs, settings, args.parallel)
+        doc = run_federated(values, out, args.parallel)
         extra["federated"] = doc
         if doc["status"] == "done":
             results.append(fed_result(task, doc, time.perf_counter() - t1))
             from .plots import plot_rounds
 
-            plot_rounds(doc["rounds"], out, f"{task.name}, {len(specs)} clients")
+            plot_rounds(doc["rounds"], out, f"{task.name}, {len(parts)} clients")
         else:
-            print(f"federated run {doc['status']}; rerun with --resume to finish it", flush=True)
+            print(f"federated run {doc['status']}; rerun with --resume true to finish it", flush=True)
     order = {m: i for i, m in enumerate(methods)}
     results.sort(key=lambda r: order.get(r.method, len(order)))
-    info = {"data": str(args.data), "clients": f"{args.clients} train + {args.test_clients} test, {k} user(s) each, "
-            f"partitioner {args.partitioner}", "rounds per module": args.rounds, "local epochs": args.local_epochs,
-            "seed": args.seed, "llm": llm.name, "prompt style": cfg.style or default_style(task),
-            "preset": cfg.preset, "machine": f"{platform.machine()}, Python {platform.python_version()}",
+    info = {"data": values["data"] or "synthetic", "clients": f"{values['clients']} train + {values['test-clients']} "
+            f"test, {values['users-per-client']} user(s) each, partitioner {values['partitioner']}",
+            "strategy": values["strategy"], "rounds per module": values["rounds"], "epochs per round": cfg.epochs,
+            "seed": cfg.seed, "llm": llm.name, "prompt style": cfg.style or default_style(task), "preset": cfg.preset,
+            "machine": f"{platform.machine()}, Python {platform.python_version()}",
             "wall s": round(time.perf_counter() - t0, 1),
             "peak RSS MB (driver)": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-    if "federated" in extra and extra["federated"]["rounds"]:
-        rounds = extra["federated"]["rounds"]
-        info["upload MB per client per round (max)"] = round(max(b["up"] for r in rounds for b in r["bytes"].values()) / 1e6, 2)
+    rounds = extra.get("federated", {}).get("rounds")
+    if rounds:
+        info["MB per client per round, down / up (max)"] = (
+            f"{max(b['down'] for r in rounds for b in r['bytes'].values()) / 1e6:.2f} / "
+            f"{max(b['up'] for r in rounds for b in r['bytes'].values()) / 1e6:.2f}")
         info["round s (mean)"] = round(sum(r["seconds"] for r in rounds) / len(rounds), 1)
-    ratio = best_prompt_ratio(task, [replace(r, method="hydra") if r.method == "hydra-fed" else r
-                                     for r in results if r.method != "hydra"])
-    if ratio is not None:
-        info["hydra-fed / best prompt baseline"] = round(ratio, 4)
-    md = write_results(out, task, results, info, predictions, extra=extra)
-    print("\n" + markdown_table(task, results) + f"\n\nresults: {md}")
+        info["adapter margin (federated)"] = extra["federated"].get("margin")
+    q = ratios(task, predictions, seed=cfg.seed)
+    fed = next((r for r in results if r.method == "hydra-fed"), None)
+    if q and fed:  # hydra-fed's clients return metric sums, not per-user answers: a point ratio only
+        base = next(iter(q.values()))["baseline"]
+        b, f = next(r for r in results if r.method == base).metrics[task.metrics[0]], fed.metrics[task.metrics[0]]
+        q["hydra-fed"] = {"ratio": round((f / b) if task.higher_is_better else (b / f), 4), "low": None,
+                          "high": None, "baseline": base}
+    md = write_results(out, task, results, info, predictions, extra=extra, ratios=q)
+    print("\n" + markdown_table(task, results, q) + f"\n\nresults: {md}")
     return out

@@ -14,7 +14,7 @@ BACKENDS = ("embedded", "openai")
 DEFAULT_SERVED_MODEL = "smollm2-135m"  # the alias `fedhydra llm serve` gives the embedded model
 
 __all__ = ["LLM", "LLMError", "LLMStats", "Message", "CachedLLM", "ResponseCache", "default_cache_dir",
-           "make_llm", "BACKENDS"]
+           "make_llm", "llm_from_settings", "BACKENDS"]
 
 
 def make_llm(backend: str = "embedded", base_url: str | None = None, model: str | None = None,
@@ -47,3 +47,12 @@ def make_llm(backend: str = "embedded", base_url: str | None = None, model: str 
     if not cache:
         return llm
     return CachedLLM(llm, ResponseCache(default_cache_dir(cache_dir)))
+
+
+def llm_from_settings(values: dict, cache_dir: str | os.PathLike | None = None, cache: bool = True) -> LLM:
+    """The LLM the `llm` settings (common/settings.py) describe; `cache_dir` overrides the cache-dir setting."""
+    backend = str(values.get("llm", "embedded"))
+    kw = {"n_threads": int(values.get("llm-threads", 1))} if backend == "embedded" else {}
+    return make_llm(backend, base_url=values.get("llm-base-url") or None, model=values.get("llm-model") or None,
+                    api_key_env=str(values.get("llm-api-key-env") or "OPENAI_API_KEY"),
+                    cache_dir=cache_dir or values.get("cache-dir") or None, cache=cache, **kw)

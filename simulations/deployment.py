@@ -1,4 +1,5 @@
-"""`fedhydra deploy`: a real Flower deployment (SuperLink + N SuperNodes) on 127.0.0.1.
+"""Flower's runtimes on 127.0.0.1, driven by its own CLI: a real deployment (SuperLink + N SuperNodes,
+`fedhydra deploy`) or a SuperLink in simulation mode (`fedhydra simulate`), then `flwr run`.
 
 What runs where (all on this machine, each process with its own FLWR_HOME):
 
@@ -9,6 +10,9 @@ What runs where (all on this machine, each process with its own FLWR_HOME):
                           ClientApp process (fedhydra.client.client_app:app) per message
     flwr run APP deploy   the CLI: packages APP (a minimal folder written here: pyproject.toml with
                           the components and the run config, no code) as a FAB and submits it
+
+In simulation mode (`simulation=True`) there are no SuperNodes: the SuperLink runs the ClientApps
+itself on Flower's simulation runtime (Ray), and `flwr run` gives it the number of virtual nodes.
 
 Security: TLS with a private CA that this module generates (server/certs.py) unless `--certs DIR`
 already holds one; SuperNode authentication is on, so the SuperLink lets in only the SuperNodes
@@ -32,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedhydra.common.settings import app_config_toml, toml_value
+
 from .processes import DeployError, Proc, _bin, free_port
 
 SERVERAPP = "fedhydra.server.server_app:app"
@@ -43,18 +49,9 @@ FLWR_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    "RAY_DEDUP_LOGS": "0",  # every client's progress line, not "repeated 3x across cluster"
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-# ---------------------------------------------------------------- process trees
 
 
 # ---------------------------------------------------------------- the deployment
@@ -66,10 +63,11 @@ class Deployment:
 
     def __init__(self, workdir: str | os.PathLike, certs: str | os.PathLike | None = None,
                  insecure: bool = False, host: str = "127.0.0.1", port: int | None = None,
-                 log=print):
+                 log=print, simulation: bool = False):
         self.workdir = Path(workdir).expanduser().resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.insecure = insecure
+        self.simulation = simulation
+        self.insecure = insecure or simulation  # the simulation SuperLink only talks to the local CLI
         self.host = host
         self.port = port or free_port(host)
         self.address = f"{host}:{self.port}"
@@ -109,7 +107,7 @@ class Deployment:
         else:
             conn["root-certificates"] = str(self.server_certs.ca_cert)
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in conn.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in conn.items()]
         self.cli_home.mkdir(parents=True, exist_ok=True)
         (self.cli_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -132,7 +130,7 @@ class Deployment:
     # ------------------------------------------------------------ SuperLink
     def start_superlink(self, timeout: float = 60) -> Proc:
         cmd = [_bin("flower-superlink"), "--host", self.host, "--port", str(self.port),
-               "--disable-runtime-dependency-installation"]
+               "--disable-runtime-dependency-installation"] + (["--simulation"] if self.simulation else [])
         if self.insecure:
             cmd.append("--insecure")
         else:
@@ -151,7 +149,8 @@ class Deployment:
                 time.sleep(0.5)
                 continue
             if self.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=30).returncode == 0:
-                self.log(f"SuperLink up on {self.address} ({'insecure' if self.insecure else 'TLS, node auth on'})")
+                mode = "simulation" if self.simulation else "insecure" if self.insecure else "TLS, node auth on"
+                self.log(f"SuperLink up on {self.address} ({mode})")
                 return self.superlink
             time.sleep(0.5)
         raise DeployError(f"flower-superlink did not answer on {self.address} within {timeout:.0f}s; "
@@ -186,7 +185,7 @@ class Deployment:
         self.node_state[name] = (state, port)
         config = {"state": str(state), **(node_config or {})}
         cmd = [_bin("flower-supernode"), "--superlink", self.address, "--port", str(port),
-               "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())]
+               "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())]
         if self.insecure:
             cmd.append("--insecure")
         else:
@@ -233,13 +232,16 @@ class Deployment:
 
     # ------------------------------------------------------------ the run
     def run(self, app_dir: str | os.PathLike, run_config: dict | None = None, timeout: float | None = None,
-            echo=None) -> dict:
-        """`flwr run APP deploy --stream`; returns the run's row from `flwr ls` (status, traffic, times)."""
+            echo=None, federation_config: dict | None = None) -> dict:
+        """`flwr run APP deploy --stream`; returns the run's row from `flwr ls` (status, traffic, times).
+        `federation_config`: the simulation's options (num-supernodes, client-resources-num-cpus, ...)."""
         cmd = [_bin("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION, "--stream"]
         if run_config:
             path = self.workdir / "run-config.toml"
-            path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()), encoding="utf-8")
+            path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()), encoding="utf-8")
             cmd += ["--run-config", str(path)]
+        if federation_config:
+            cmd += ["--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())]
         log_path = self.logs / "flwr-run.log"
         t0 = time.monotonic()
         run_id = None
@@ -308,25 +310,27 @@ class Deployment:
         self.stop()
 
 
-def write_app(folder: str | os.PathLike, config: dict, name: str = "fedhydra-deploy") -> Path:
-    """A minimal Flower app folder: pyproject.toml only, pointing at the installed FedHydra apps.
+def write_app(folder: str | os.PathLike, values: dict, name: str = "fedhydra-run",
+              clientapp: str = CLIENTAPP, files: dict[str, str] | None = None) -> Path:
+    """A minimal Flower app folder: pyproject.toml (and `files`, e.g. a test's own ClientApp module), pointing at
+    the installed FedHydra apps, with every setting of `values` as its `[tool.flwr.app.config]` default.
 
-    `flwr run` packages it as a FAB (just this file); the SuperLink and SuperNodes import the apps from
-    the environment they run in, where FedHydra is installed (runtime installation is disabled).
-    Every key of `config` becomes a `[tool.flwr.app.config]` default, so `--run-config` may override it.
+    `flwr run` packages it as a FAB; the SuperLink and SuperNodes import the apps from the environment they
+    run in, where FedHydra is installed (runtime installation is disabled), so the FAB never carries the
+    repository or its `.venv`.
     """
     folder = Path(folder).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# Written by `fedhydra deploy`: the FedHydra Flower app, packaged by `flwr run` as a FAB.",
+        "# Written by fedhydra: the FedHydra Flower app, packaged by `flwr run` as a FAB.",
         "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",
         "[project]", f'name = "{name}"', 'version = "0.1.0"',
         'description = "FedHydra: federated HYDRA personalization of a black-box LLM"',
         "dependencies = []  # installed beforehand; Flower's runtime installation is disabled", "",
         "[tool.flwr.app]", 'publisher = "fedhydra"', "",
-        "[tool.flwr.app.components]", f'serverapp = "{SERVERAPP}"', f'clientapp = "{CLIENTAPP}"', "",
-        "[tool.flwr.app.config]",
+        "[tool.flwr.app.components]", f'serverapp = "{SERVERAPP}"', f'clientapp = "{clientapp}"', "",
     ]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in config.items()]
-    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n" + app_config_toml(values), encoding="utf-8")
+    for rel, text in (files or {}).items():
+        (folder / rel).write_text(text, encoding="utf-8")
     return folder

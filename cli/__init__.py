@@ -1,0 +1,1 @@
+"""The `fedhydra` console script (it alone may import every other package)."""

@@ -1,0 +1,119 @@
+"""Choosing one answer among an LLM's candidates: the features the adapter sees, the training-free
+rules it must beat, the graded targets it learns from, and the margin that keeps the greedy answer.
+
+Candidates are always the greedy answer first, then the samples (pipeline.sample_candidates).
+- `similarity`: the task metric between two texts (generation: mean of ROUGE-1 and ROUGE-L F;
+  classification/rating: exact match after the metric's postprocessing).
+- `candidate_features`: what the adapter's head sees besides the encoder state, computed without any
+  gold: closeness to the query, agreement with the other candidates (the MBR utility), length relative
+  to the query, and whether it is the greedy answer. On LaMP-7 these predict a good candidate far
+  better than the per-user signal (MEASUREMENTS.md; README "Results").
+- training-free rules over the same candidates: `mbr` (most agreement), `closest` (closest to the query);
+  `oracle` needs the gold and is a diagnostic upper bound only.
+- `pick`: the adapter's choice: the best-scoring candidate replaces greedy only when its score beats
+  greedy's by more than the margin (None: never).
+- margin calibration: `margin_sums` are additive sums per margin over held-out training queries (so
+  federated clients can return them), `pick_margin` chooses from their total.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .metrics import is_correct, label_index, rating_value, rouge_pair
+from .tasks import Task
+
+FEATURES = ("closeness", "agreement", "length", "greedy")
+MARGINS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # in adapter score units (log-odds)
+RULES = ("mbr", "closest")
+
+
+def similarity(task: Task, a: str, b: str) -> float:
+    """How much two answers agree, symmetric (generation: ROUGE mix; otherwise: the same parsed label or rating)."""
+    if task.kind == "generation":
+        r1, rl = rouge_pair(a, b)
+        return (r1 + rl) / 2
+    if task.kind == "rating":
+        va = rating_value(a)
+        return float(va is not None and va == rating_value(b))
+    ia = label_index(task, a)
+    return float(ia >= 0 and ia == label_index(task, b))
+
+
+def grades(task: Task, texts: Sequence[str], target: str) -> list[float]:
+    """Each candidate's task metric against the target: the adapter's graded training signal."""
+    if task.kind == "generation":
+        return [similarity(task, t, target) for t in texts]
+    return [float(is_correct(task, t, target)) for t in texts]
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def candidate_features(task: Task, query: str, texts: Sequence[str]) -> list[list[float]]:
+    """One row of FEATURES per candidate (texts[0] is the greedy answer)."""
+    n = len(texts)
+    sims = [[1.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            sims[i][j] = sims[j][i] = similarity(task, texts[i], texts[j])
+    rows = []
+    for i, text in enumerate(texts):
+        agreement = sum(sims[i][j] for j in range(n) if j != i) / (n - 1) if n > 1 else 0.0
+        closeness = similarity(task, text, query) if task.kind == "generation" else 0.0
+        length = math.log((_words(text) + 1) / (_words(query) + 1)) if task.kind == "generation" else 0.0
+        rows.append([closeness, agreement, length, 1.0 if i == 0 else 0.0])
+    return rows
+
+
+def mbr(task: Task, query: str, texts: Sequence[str]) -> int:
+    """The candidate that agrees most with the others (ties: the earlier, so greedy first)."""
+    feats = candidate_features(task, query, texts)
+    return max(range(len(texts)), key=lambda j: (feats[j][1], -j))
+
+
+def closest(task: Task, query: str, texts: Sequence[str]) -> int:
+    """The candidate closest to the query (generation; classification: greedy)."""
+    if task.kind != "generation":
+        return 0
+    return max(range(len(texts)), key=lambda j: (similarity(task, texts[j], query), -j))
+
+
+def oracle(task: Task, texts: Sequence[str], gold: str) -> int:
+    """The best candidate by the gold: a diagnostic upper bound, never a method."""
+    g = grades(task, texts, gold)
+    return max(range(len(texts)), key=lambda j: (g[j], -j))
+
+
+def pick(scores: Sequence[float], margin: float | None) -> int:
+    """Greedy (index 0) unless the best-scoring candidate beats it by more than `margin` (None: never)."""
+    if margin is None or len(scores) < 2:
+        return 0
+    best = max(range(len(scores)), key=lambda j: (scores[j], -j))
+    return best if scores[best] - scores[0] > margin else 0
+
+
+def margin_sums(scores: Sequence[float], graded: Sequence[float]) -> dict[str, float]:
+    """One held-out query's contribution: the grade each margin's choice gets, plus the greedy grade and a count."""
+    out = {f"margin:{m:g}": float(graded[pick(scores, m)]) for m in MARGINS}
+    out["margin:off"] = float(graded[0])
+    out["queries"] = 1.0
+    return out
+
+
+def add_sums(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in set(a) | set(b)}
+
+
+def pick_margin(sums: dict[str, float]) -> dict:
+    """The margin whose choices scored best in total on held-out queries (ties: the larger, more cautious
+    margin; "off" wins ties with every number). Without held-out queries: off."""
+    queries = int(sums.get("queries", 0))
+    if queries == 0:
+        return {"margin": "off", "queries": 0, "mean": {}}
+    means = {k.split(":", 1)[1]: v / queries for k, v in sums.items() if k.startswith("margin:")}
+    order = [f"{m:g}" for m in MARGINS] + ["off"]
+    best = max(order, key=lambda m: (round(means.get(m, -1.0), 9), order.index(m)))
+    return {"margin": best if best == "off" else float(best), "queries": queries, "mean": means}

@@ -1,0 +1,200 @@
+"""Every FedHydra setting, declared once: its key, default and one-line meaning.
+
+The same key is the CLI flag (`--key`), the Flower run-config key (pyproject
+`[tool.flwr.app.config]`, `flwr run --run-config`) and the key recorded in results. Commands
+pick the groups they use; the Flower app reads all of them from `context.run_config`.
+Values are TOML-typed (str, int, float, bool) because Flower's run config is TOML.
+
+Precedence, first wins: a SuperNode's node config (per-client values such as its state folder),
+then the run config / CLI flags, then the defaults here. For the HYDRA sizes a 0 means "the
+preset's value" (common/config.py PRESETS), so one table serves the paper and the cpu sizes.
+`python -m fedhydra.common.settings` prints the `[tool.flwr.app.config]` section pyproject.toml
+must hold (tests/test_settings.py checks they agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+Value = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Value
+    help: str
+    group: str
+    choices: tuple = ()
+
+    @property
+    def dest(self) -> str:
+        return self.key.replace("-", "_")
+
+
+_S = Setting
+SETTINGS: dict[str, Setting] = {s.key: s for s in (
+    # --- data: which users, and how they are dealt out to clients
+    _S("task", "", "expected LaMP task ('' = the data's; synthetic data: LaMP_2M)", "data"),
+    _S("data", "", "LaMP split folder ('' = FedHydra's deterministic synthetic users)", "data"),
+    _S("train-users", 20, "users whose history trains the shared bases (centralized runs)", "data"),
+    _S("test-users", 20, "unseen users who are evaluated (centralized runs)", "data"),
+    _S("clients", 6, "train clients (federated runs)", "data"),
+    _S("test-clients", 6, "clients of unseen users, evaluated after training (federated runs)", "data"),
+    _S("users-per-client", 1, "users each client holds", "data"),
+    _S("partitioner", "id", "id: users dealt out at random; profile-size: clients of similar history length",
+       "data", ("id", "profile-size")),
+    _S("seed", 0, "seed of the user split, the models and the LLM samples", "data"),
+    # --- HYDRA: sizes (0 = the preset's) and method choices
+    _S("preset", "cpu", "HYDRA sizes: paper (HYDRA's published ones), cpu (fewer LLM calls for 2-core machines) or "
+       "auto (paper with CUDA, cpu without)", "hydra", ("cpu", "paper", "auto")),
+    _S("pseudo-queries", 0, "profile items per user turned into training queries (0 = preset)", "hydra"),
+    _S("retrieve", 0, "M: items BM25 gives the reranker (0 = preset)", "hydra"),
+    _S("k", 4, "items the reranker puts in the prompt", "hydra"),
+    _S("candidates", 0, "B: sampled LLM answers besides the greedy one (0 = preset)", "hydra"),
+    _S("temperature", 0.7, "sampling temperature of the B candidates (MEASUREMENTS.md: 0.7 beats 1.0)", "hydra"),
+    _S("style", "", "prompt format for profile items: system, chat or lamp ('' = the task's measured best)",
+       "hydra", ("", "system", "chat", "lamp")),
+    _S("adapter-labels", "graded", "adapter training target: graded (every candidate graded by the task metric, "
+       "listwise loss), gold (HYDRA: the user's text positive, every LLM candidate negative), above-mean",
+       "hydra", ("graded", "gold", "above-mean")),
+    _S("adapter-label-queries", 12, "classification/rating: extra adapter queries per user over the closed label "
+       "set (no LLM call)", "hydra"),
+    _S("adapter-margin", "auto", "a sample replaces the greedy answer only when its adapter score beats greedy's by "
+       "this much: auto (chosen on held-out training queries), off (always greedy), or a number", "hydra"),
+    _S("encoder", "", "HF encoder folder or name of both scorers ('' = all-MiniLM-L6-v2 from its package)", "hydra"),
+    _S("train-layers", 2, "top encoder layers that train and are shared", "hydra"),
+    _S("head-layers", 2, "layers of each per-user head (1 or 2)", "hydra"),
+    _S("max-length", 0, "token limit of a scored (query, text) pair (0 = preset)", "hydra"),
+    _S("epochs", 0, "epochs over the labels (federated: per round) (0 = preset)", "hydra"),
+    _S("lr", 0.0, "learning rate of the shared base layers (0 = preset)", "hydra"),
+    _S("head-lr", 0.0, "learning rate of the heads (0 = preset)", "hydra"),
+    _S("batch-size", 0, "training batch size (0 = preset)", "hydra"),
+    _S("weight-decay", 0.01, "AdamW weight decay", "hydra"),
+    # --- the black-box LLM
+    _S("llm", "embedded", "embedded: SmolLM2-135M-Instruct in-process; openai: any OpenAI-compatible endpoint",
+       "llm", ("embedded", "openai")),
+    _S("llm-base-url", "", "endpoint of --llm openai, e.g. http://127.0.0.1:8765/v1", "llm"),
+    _S("llm-model", "", "model name sent to --llm openai (embedded: another GGUF file)", "llm"),
+    _S("llm-api-key-env", "OPENAI_API_KEY", "environment variable that holds the endpoint's API key", "llm"),
+    _S("llm-threads", 1, "CPU threads of the embedded LLM (1: llama.cpp's 2-thread pool stalls on shared cores)",
+       "llm"),
+    _S("cache-dir", "", "LLM response cache folder ('' = $FEDHYDRA_CACHE_DIR or ~/.cache/fedhydra); in simulations "
+       "every client reads through it, as through a provider that answers identical prompts once", "llm"),
+    # --- federation (the ServerApp and ClientApp)
+    _S("rounds", 3, "federated rounds per module: the reranker's, then the adapter's", "federation"),
+    _S("strategy", "fedavg", "Flower strategy that aggregates the shared arrays", "federation",
+       ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")),
+    _S("fraction-train", 1.0, "fraction of the train clients sampled per round", "federation"),
+    _S("proximal-mu", 0.01, "fedprox: weight of the proximal term", "federation"),
+    _S("server-lr", 0.0, "server learning rate (0 = the strategy's usual one: fedavgm 1.0; fedadam, fedyogi, "
+       "fedadagrad eta 0.001, as Flower's 0.1 moves pretrained encoder weights far too much)", "federation"),
+    _S("server-momentum", 0.9, "fedavgm: server momentum; fedadam/fedyogi: beta-1", "federation"),
+    _S("min-nodes", 2, "nodes to wait for before the first round", "federation"),
+    _S("node-wait", 300.0, "seconds to wait for min-nodes to connect", "federation"),
+    _S("round-timeout", 3600.0, "seconds a round waits for replies; clients that miss it are left out", "federation"),
+    _S("out", "runs/federated", "server-side results and checkpoint folder", "federation"),
+    _S("state-root", "runs/federated/clients", "simulation: folder of the clients' private state folders "
+       "(a deployed SuperNode names its own with node config state=DIR)", "federation"),
+    _S("resume", False, "continue from the checkpoint in out", "federation"),
+    _S("stop-after-round", 0, "stop cleanly after this round (0 = run to the end); resume later", "federation"),
+    _S("threads", 1, "torch threads of each client", "federation"),
+)}
+
+GROUPS = ("data", "hydra", "llm", "federation")
+
+
+def defaults(groups: tuple[str, ...] = GROUPS) -> dict[str, Value]:
+    return {k: s.default for k, s in SETTINGS.items() if s.group in groups}
+
+
+def _coerce(setting: Setting, value) -> Value:
+    """`value` as the setting's type (TOML ints are accepted for floats), or ValueError naming the key."""
+    want = type(setting.default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is not want:
+        raise ValueError(f"setting {setting.key!r} must be a {want.__name__}, got {value!r}")
+    if setting.choices and value not in setting.choices:
+        raise ValueError(f"setting {setting.key!r} is {value!r}; choose one of {', '.join(map(repr, setting.choices))}")
+    return value
+
+
+def resolve(*layers: dict, groups: tuple[str, ...] = GROUPS, extra_keys: tuple[str, ...] = ()) -> dict[str, Value]:
+    """Defaults of `groups`, then each layer over them (later layers win). Unknown keys are an error,
+    except `extra_keys` (values that are not settings, e.g. Flower's partition-id), which pass through."""
+    out: dict[str, Value] = defaults(groups)
+    for layer in layers:
+        for key, value in dict(layer).items():
+            if key in extra_keys:
+                out[key] = value
+                continue
+            setting = SETTINGS.get(key)
+            if setting is None or setting.group not in groups:
+                known = ", ".join(k for k, s in SETTINGS.items() if s.group in groups)
+                raise ValueError(f"unknown setting {key!r}; known: {known}")
+            out[key] = _coerce(setting, value)
+    return out
+
+
+# ---------------------------------------------------------------- command line
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...], skip: tuple[str, ...] = (),
+                  shown_defaults: dict | None = None) -> None:
+    """`--key` flags for the settings of `groups` (argparse default None: `from_args` keeps only what was given).
+    `shown_defaults` are a command's own defaults (e.g. the demo's sizes), shown in --help."""
+    shown = dict(shown_defaults or {})
+    titles = {"data": "data and clients", "hydra": "HYDRA", "llm": "black-box LLM", "federation": "federation"}
+    for group in groups:
+        g = parser.add_argument_group(titles[group])
+        for key, s in SETTINGS.items():
+            if s.group != group or key in skip:
+                continue
+            default = shown.get(key, s.default)
+            kw = {"type": _parse_bool if isinstance(s.default, bool) else type(s.default), "default": None,
+                  "dest": s.dest, "metavar": key.upper().replace("-", "_"),
+                  "help": f"{s.help} (default {default!r})".replace("%", "%%")}
+            if s.choices:
+                kw["choices"] = s.choices
+                kw.pop("metavar")
+            g.add_argument(f"--{key}", **kw)
+
+
+def from_args(args: argparse.Namespace, groups: tuple[str, ...] = GROUPS) -> dict[str, Value]:
+    """The settings of `groups` given on the command line (flags left out are not in the result)."""
+    return {k: getattr(args, s.dest) for k, s in SETTINGS.items()
+            if s.group in groups and getattr(args, s.dest, None) is not None}
+
+
+# ---------------------------------------------------------------- Flower app config
+def toml_value(value: Value) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def app_config_toml(values: dict[str, Value] | None = None) -> str:
+    """The `[tool.flwr.app.config]` section: every setting with its default (or `values`), its meaning above it."""
+    values = {**defaults(), **(values or {})}
+    lines = ["[tool.flwr.app.config]"]
+    for key, s in SETTINGS.items():
+        lines += [f"# {s.help}", f"{key} = {toml_value(values[key])}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(app_config_toml(), end="")
