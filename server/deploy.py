@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from .deployment import CONNECTION, Deployment, write_app
+from .deployment import CONNECTION, ISOLATIONS, Deployment, write_app
 from .processes import DeployError
 
 def server_defaults() -> dict:
@@ -81,7 +81,8 @@ def deploy_command(args: argparse.Namespace) -> dict:
     app = write_app(workdir / "app", config)
 
     names = [f"node-{s.index}" for s in specs]
-    deployment = Deployment(workdir, certs=args.certs, insecure=args.insecure, port=args.port)
+    deployment = Deployment(workdir, certs=args.certs, insecure=args.insecure, port=args.port,
+                            isolation=args.isolation)
     previous = signal.getsignal(signal.SIGTERM)
 
     def _on_term(signum, frame):  # make `finally` run on SIGTERM as on Ctrl-C
@@ -105,14 +106,16 @@ def deploy_command(args: argparse.Namespace) -> dict:
                 print(f"SuperNode {name} ({spec.role}, users {', '.join(spec.user_ids)}) -> {spec.state}",
                       flush=True)
             deployment.wait_online(names)
-            print(f"{len(names)} SuperNodes online; flwr run {app} {CONNECTION} --stream", flush=True)
+            print(f"{len(names)} SuperNodes online (ClientApp isolation: {args.isolation}); "
+                  f"flwr run {app} {CONNECTION} --stream", flush=True)
             echo = (lambda line: print(line, flush=True)) if not args.quiet else None
             info = deployment.run(app, timeout=args.timeout, echo=echo)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     status = info.get("status", "unknown")
-    summary = {"run-id": info.get("run-id"), "status": status, "wall-s": round(time.monotonic() - t0, 1),
+    summary = {"run-id": info.get("run-id"), "status": status, "isolation": args.isolation,
+               "wall-s": round(time.monotonic() - t0, 1),
                "run-wall-s": info.get("wall-s"), "network-traffic": info.get("network-traffic"),
                "out": str(out), "logs": str(deployment.logs)}
     (workdir / "deploy.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
@@ -167,6 +170,10 @@ def add_deploy_command(sub) -> None:
     g.add_argument("--timeout", type=float, default=None, help="give up (and stop the run) after this many seconds")
     g.add_argument("--insecure", action="store_true",
                    help="no TLS, no SuperNode authentication: quick local runs only, never for real use")
+    g.add_argument("--isolation", choices=ISOLATIONS, default="process",
+                   help="how ClientApps run: 'process' (default): a long-lived executor per SuperNode that has "
+                        "imported torch, transformers and the ClientApp once forks one per message; 'subprocess': "
+                        "Flower's default, a fresh flwr-clientapp interpreter per message")
     g.add_argument("--node-threads", type=int, default=1,
                    help="torch and LLM threads of each SuperNode's ClientApp (default 1)")
     g.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
