@@ -20,8 +20,9 @@ class ScoringHead(nn.Module):
     """HYDRA's per-user head on the first-token state: dropout → Linear(H,H) → tanh → dropout → Linear(H,2).
 
     With layers=1 it is dropout → Linear(H,2). nn.Linear's default init is HYDRA's
-    (kaiming-uniform a=√5, bias uniform ±1/√fan_in). `extra` > 0 appends that many candidate
-    features (common/selection.py) to the first-token state after its dropout (FedHydra's adapter).
+    (kaiming-uniform a=√5, bias uniform ±1/√fan_in). `extra` > 0 (FedHydra's adapter) feeds that many
+    candidate features (common/selection.py) straight into the last Linear beside the hidden state, so
+    the head is linear in them: a few hundred training queries suffice to weigh them.
     """
 
     def __init__(self, hidden: int, layers: int = 2, dropout: float = 0.1, extra: int = 0):
@@ -30,17 +31,17 @@ class ScoringHead(nn.Module):
             raise ValueError(f"head_layers must be 1 or 2, got {layers}")
         self.extra = extra
         self.dropout = nn.Dropout(dropout)
-        self.dense = nn.Linear(hidden + extra, hidden) if layers == 2 else None
-        self.out_proj = nn.Linear(hidden if layers == 2 else hidden + extra, 2)
+        self.dense = nn.Linear(hidden, hidden) if layers == 2 else None
+        self.out_proj = nn.Linear(hidden + extra, 2)
 
     def forward(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         x = self.dropout(features)
+        if self.dense is not None:
+            x = self.dropout(torch.tanh(self.dense(x)))
         if self.extra:
             if extra is None or extra.shape != (features.shape[0], self.extra):
                 raise ValueError(f"this head needs {self.extra} candidate features per row")
             x = torch.cat([x, extra.to(x.dtype)], dim=-1)
-        if self.dense is not None:
-            x = self.dropout(torch.tanh(self.dense(x)))
         return self.out_proj(x)
 
 

@@ -14,7 +14,7 @@ import signal
 import time
 from pathlib import Path
 
-from .deployment import CONNECTION, Deployment, write_app
+from .deployment import CONNECTION, ISOLATIONS, Deployment, write_app
 from .processes import DeployError
 
 
@@ -29,6 +29,10 @@ def add_deployment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=None, help="give up (and stop the run) after this many seconds")
     g.add_argument("--insecure", action="store_true",
                    help="no TLS, no SuperNode authentication: quick local runs only, never for real use")
+    g.add_argument("--isolation", choices=ISOLATIONS, default="process",
+                   help="how ClientApps run: 'process' (default): a long-lived executor per SuperNode that has "
+                        "imported torch, transformers and the ClientApp once forks one per message; 'subprocess': "
+                        "Flower's default, a fresh flwr-clientapp interpreter per message")
     g.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
 
 
@@ -48,7 +52,8 @@ def deploy_command(args: argparse.Namespace, values: dict) -> dict:
           f"folder under {state_root}", flush=True)
 
     names = [f"node-{i}" for i in range(n)]
-    deployment = Deployment(workdir, certs=args.certs, insecure=args.insecure, port=args.port)
+    deployment = Deployment(workdir, certs=args.certs, insecure=args.insecure, port=args.port,
+                            isolation=args.isolation)
     previous = signal.getsignal(signal.SIGTERM)
 
     def _on_term(signum, frame):  # make `finally` run on SIGTERM as on Ctrl-C
@@ -71,14 +76,16 @@ def deploy_command(args: argparse.Namespace, values: dict) -> dict:
                 deployment.start_supernode(name, state_root / f"client-{i}", node_config=node)
                 print(f"SuperNode {name} -> {state_root / f'client-{i}'}", flush=True)
             deployment.wait_online(names)
-            print(f"{len(names)} SuperNodes online; flwr run {app} {CONNECTION} --stream", flush=True)
+            print(f"{len(names)} SuperNodes online (ClientApp isolation: {args.isolation}); "
+                  f"flwr run {app} {CONNECTION} --stream", flush=True)
             echo = (lambda line: print(line, flush=True)) if not args.quiet else None
             info = deployment.run(app, timeout=args.timeout, echo=echo)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     status = info.get("status", "unknown")
-    summary = {"run-id": info.get("run-id"), "status": status, "wall-s": round(time.monotonic() - t0, 1),
+    summary = {"run-id": info.get("run-id"), "status": status, "isolation": args.isolation,
+               "wall-s": round(time.monotonic() - t0, 1),
                "run-wall-s": info.get("wall-s"), "network-traffic": info.get("network-traffic"),
                "out": str(out), "logs": str(deployment.logs)}
     (workdir / "deploy.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

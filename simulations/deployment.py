@@ -6,8 +6,11 @@ What runs where (all on this machine, each process with its own FLWR_HOME):
     flower-superlink      the server: Fleet, Control and Runtime APIs (HTTPS) on one port; it
                           starts the ServerApp (fedhydra.server.server_app:app) for the run
     flower-supernode x N  one per client, each with its own --port, its own private state folder
-                          (node config `state="DIR"`) and its own authentication key; it starts a
-                          ClientApp process (fedhydra.client.client_app:app) per message
+                          (node config `state="DIR"`) and its own authentication key
+    ClientApps            isolation "process" (default): beside each SuperNode, a long-lived FedHydra
+                          executor (client/executor.py) that imported torch, transformers and the
+                          ClientApp once and forks a ClientApp process per message; isolation
+                          "subprocess": the SuperNode starts a fresh `flwr-clientapp` per message
     flwr run APP deploy   the CLI: packages APP (a minimal folder written here: pyproject.toml with
                           the components and the run config, no code) as a FAB and submits it
 
@@ -19,6 +22,10 @@ already holds one; SuperNode authentication is on, so the SuperLink lets in only
 whose public keys were registered (`flwr supernode register`) before they start. `--insecure`
 turns both off and is for quick local experiments only.
 
+The executor talks to its SuperNode's Runtime API on 127.0.0.1 only, and acquires tasks with
+Flower's SuperExec HMAC authentication: each SuperNode and its executor share a random secret
+(WORKDIR/secrets/NAME, mode 0600), so no other local process can take the node's tasks.
+
 Every process started here is stopped when the command ends: normally, on an error, on Ctrl-C
 or SIGTERM (each child runs in its own session; its whole process tree is terminated, then killed).
 Flower never installs dependencies at run time, sends telemetry or checks for updates.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -43,6 +51,8 @@ from .processes import DeployError, Proc, _bin, free_port
 SERVERAPP = "fedhydra.server.server_app:app"
 CLIENTAPP = "fedhydra.client.client_app:app"
 CONNECTION = "deploy"
+ISOLATIONS = ("process", "subprocess")
+RUNTIME_HOST = "127.0.0.1"  # every SuperNode's Runtime API (where its ClientApps connect) stays on loopback
 FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -63,7 +73,10 @@ class Deployment:
 
     def __init__(self, workdir: str | os.PathLike, certs: str | os.PathLike | None = None,
                  insecure: bool = False, host: str = "127.0.0.1", port: int | None = None,
-                 log=print, simulation: bool = False):
+                 isolation: str = "process", log=print, simulation: bool = False):
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation {isolation!r}: expected one of {ISOLATIONS}")
+        self.isolation = isolation
         self.workdir = Path(workdir).expanduser().resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.simulation = simulation
@@ -78,7 +91,9 @@ class Deployment:
         self.log = log
         self.superlink: Proc | None = None
         self.nodes: dict[str, Proc] = {}
-        self.node_state: dict[str, tuple[Path, int]] = {}
+        self.executors: dict[str, Proc] = {}  # isolation "process": node name -> its ClientApp executor
+        self._ready_lines: dict[str, int] = {}
+        self.node_state: dict[str, tuple[Path, int, dict]] = {}
         self.registered: dict[str, str] = {}  # node name -> node id
         self._procs: list[Proc] = []
         self._lock = threading.Lock()
@@ -182,10 +197,13 @@ class Deployment:
         state = Path(state).expanduser().resolve()
         if port is None:
             port = self.node_state[name][1] if name in self.node_state else free_port(self.host)
-        self.node_state[name] = (state, port)
+        self.node_state[name] = (state, port, dict(node_config or {}))
         config = {"state": str(state), **(node_config or {})}
-        cmd = [_bin("flower-supernode"), "--superlink", self.address, "--port", str(port),
+        cmd = [_bin("flower-supernode"), "--superlink", self.address, "--host", RUNTIME_HOST, "--port", str(port),
                "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())]
+        if self.isolation == "process":
+            secret = self._executor_secret(name)
+            cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
         if self.insecure:
             cmd.append("--insecure")
         else:
@@ -194,13 +212,45 @@ class Deployment:
             cmd += ["--root-certificates", str(self.server_certs.ca_cert)]
             if auth_key:
                 cmd += ["--auth-supernode-private-key", str(self.node_key(name).private)]
+        old = self.executors.pop(name, None)
+        if old is not None:  # it follows its dead SuperNode within a second; never two on one port
+            old.stop()
         proc = self._spawn(name, cmd, self.workdir / "flwr-home" / name)
         self.nodes[name] = proc
+        if self.isolation == "process":
+            from fedhydra.client.executor import READY
+
+            # Logs are appended to: this executor is ready when its log holds one more READY line.
+            self._ready_lines[name] = _count(self.logs / f"{name}-executor.log", READY)
+            self.executors[name] = self._spawn(
+                f"{name}-executor",
+                [sys.executable, "-m", "fedhydra.client.executor", "--runtime-api-address", f"{RUNTIME_HOST}:{port}",
+                 "--superexec-auth-secret-file", str(secret), "--parent-pid", str(proc.popen.pid)],
+                self.workdir / "flwr-home" / name)  # the SuperNode's home: ClientApps install the FAB there
         return proc
 
+    def _executor_secret(self, name: str) -> Path:
+        """A fresh random secret shared by SuperNode `name` and its executor only."""
+        path = self.workdir / "secrets" / name
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        return path
+
     def restart_supernode(self, name: str) -> Proc:
-        state, port = self.node_state[name]
-        return self.start_supernode(name, state, port)
+        """Start SuperNode `name` again (same key, state folder and port), with a new executor."""
+        state, port, node_config = self.node_state[name]
+        return self.start_supernode(name, state, port, node_config=node_config)
+
+    def clientapp_launches(self, name: str) -> int:
+        """How many ClientApp processes node `name` has started so far (counted in its logs)."""
+        from fedhydra.client.executor import LAUNCHED
+
+        if self.isolation == "process":
+            return _count(self.logs / f"{name}-executor.log", LAUNCHED)
+        return _count(self.logs / f"{name}.log", "Start `flwr-clientapp` process")
 
     def online_nodes(self) -> set[str]:
         res = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
@@ -212,23 +262,32 @@ class Deployment:
 
     def wait_online(self, names: list[str], timeout: float = 120) -> None:
         """Wait until every named SuperNode is connected (checked on the SuperLink with node auth,
-        from the SuperNodes' logs in --insecure mode, where node ids are not known in advance)."""
+        from the SuperNodes' logs in --insecure mode, where node ids are not known in advance)
+        and, with isolation "process", its executor has imported what ClientApps need."""
         deadline = time.monotonic() + timeout
         while True:
-            dead = [n for n in names if not self.nodes[n].alive()]
+            procs = [(n, self.nodes[n], "SuperNode") for n in names]
+            procs += [(n, self.executors[n], "executor of SuperNode") for n in names if n in self.executors]
+            dead = [(n, p, what) for n, p, what in procs if not p.alive()]
             if dead:
-                p = self.nodes[dead[0]]
-                raise DeployError(f"SuperNode {dead[0]} exited ({p.popen.returncode}); log {p.log}:\n{p.tail()}")
+                n, p, what = dead[0]
+                raise DeployError(f"{what} {n} exited ({p.popen.returncode}); log {p.log}:\n{p.tail()}")
             if self.insecure:
                 up = {n for n in names if "SuperNode ID:" in self.nodes[n].tail(200)}
             else:
                 online = self.online_nodes()
                 up = {n for n in names if self.registered.get(n) in online}
+            up = {n for n in up if n not in self.executors or self._executor_ready(n)}
             if up >= set(names):
                 return
             if time.monotonic() > deadline:
                 raise DeployError(f"SuperNodes {sorted(set(names) - up)} did not connect within {timeout:.0f}s")
             time.sleep(2.0)
+
+    def _executor_ready(self, name: str) -> bool:
+        from fedhydra.client.executor import READY
+
+        return _count(self.executors[name].log, READY) > self._ready_lines[name]
 
     # ------------------------------------------------------------ the run
     def run(self, app_dir: str | os.PathLike, run_config: dict | None = None, timeout: float | None = None,
@@ -299,8 +358,12 @@ class Deployment:
     def stop(self) -> None:
         with self._lock:
             procs, self._procs = list(self._procs), []
-        # Nodes and CLI first (a SuperNode deactivates itself on SIGTERM), the SuperLink last.
-        for proc in sorted(procs, key=lambda p: p is self.superlink):
+        # Executors first (their running ClientApps report to a live SuperNode), then nodes and CLI
+        # (a SuperNode deactivates itself on SIGTERM), the SuperLink last.
+        def order(p: Proc) -> int:
+            return 2 if p is self.superlink else 0 if any(p is e for e in self.executors.values()) else 1
+
+        for proc in sorted(procs, key=order):
             proc.stop()
 
     def __enter__(self) -> "Deployment":
@@ -308,6 +371,14 @@ class Deployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _count(path: Path, text: str) -> int:
+    """Occurrences of `text` in the file at `path` (0 when it does not exist yet)."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").count(text)
+    except OSError:
+        return 0
 
 
 def write_app(folder: str | os.PathLike, values: dict, name: str = "fedhydra-run",

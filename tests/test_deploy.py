@@ -1,11 +1,13 @@
 """Deployment end to end on loopback: real `flower-superlink` / `flower-supernode` processes with TLS
 and SuperNode authentication, running the real FedHydra ServerApp and ClientApp on tiny synthetic data.
 
-1. `fedhydra deploy` (the command): SuperLink + 2 SuperNodes with TLS complete 2 rounds.
+1. `fedhydra deploy` (the command): SuperLink + 2 SuperNodes with TLS complete 2 rounds, with the
+   default ClientApp isolation ("process": a warm FedHydra executor per SuperNode).
 2. A SuperNode whose key was not registered (or that has no key) is refused by the SuperLink.
 3. A SuperNode killed mid-round does not stop the run: that round completes with the other node,
-   the killed node is restarted (same key, same state folder) and is back for the next round,
-   as in Flower's own e2e test_reconnection.
+   its executor (and the ClientApp it was running) follows it down, the killed node is restarted
+   with a new executor (same key, same state folder) and is back for the next round, as in
+   Flower's own e2e test_reconnection.
 
 Select with `pytest -m deploy`; each test is a few minutes of CPU-bound ClientApp work on 2 cores.
 """
@@ -60,7 +62,7 @@ def test_deploy_command_tls_two_nodes_two_rounds(shared):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=480, stdin=subprocess.DEVNULL)
     wall = time.monotonic() - t0
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    assert "TLS, node auth on" in res.stdout
+    assert "TLS, node auth on" in res.stdout and "ClientApp isolation: process" in res.stdout
     summary = json.loads((work / "deploy.json").read_text(encoding="utf-8"))
     assert summary["status"] == "finished:completed"
     rounds = _rounds(out)
@@ -71,6 +73,7 @@ def test_deploy_command_tls_two_nodes_two_rounds(shared):
     # Every process the command started is gone (it runs each in its own session).
     logs = work / "logs"
     assert (logs / "superlink.log").is_file() and (logs / "node-0.log").is_file()
+    assert "Forked ClientApp process" in (logs / "node-0-executor.log").read_text(encoding="utf-8")
     print(f"\nfedhydra deploy, 2 SuperNodes, 2 rounds: {wall:.0f} s wall, run {summary['run-wall-s']} s, "
           f"round seconds {[r['seconds'] for r in rounds]}")
 
@@ -122,11 +125,12 @@ def test_unregistered_supernodes_are_refused(link, shared, tmp_path):
     assert {str(n["node-id"]) for n in listed} <= set(link.registered.values())
 
 
-def _count(path: Path, text: str) -> int:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").count(text)
-    except OSError:
-        return 0
+def _alive(pids: dict[int, str]) -> set[int]:
+    """The processes of `pids` (pid -> start time) that still run."""
+    from fedhydra.server.processes import _proc_table
+
+    table = _proc_table()
+    return {pid for pid, start in pids.items() if pid in table and table[pid][2] == start}
 
 
 def test_supernode_killed_mid_round_does_not_stop_the_run(link, shared, tmp_path):
@@ -134,6 +138,7 @@ def test_supernode_killed_mid_round_does_not_stop_the_run(link, shared, tmp_path
     from fedhydra.common.synthetic import make_synthetic
     from fedhydra.server.deploy import server_defaults
     from fedhydra.server.deployment import write_app
+    from fedhydra.server.processes import _tree
     from fedhydra.simulations.partition import prepare_clients
 
     # The same users and folders `fedhydra deploy --clients 2 --test-clients 0 --seed 0` made above.
@@ -151,23 +156,26 @@ def test_supernode_killed_mid_round_does_not_stop_the_run(link, shared, tmp_path
     config = {**server_defaults(), **TINY_CONFIG, "task": "LaMP_2M", "min-nodes": 2, "out": str(out),
               "round-timeout": 300.0}
     app = write_app(tmp_path / "app", config)
-    victim = link.nodes["node-1"]
-    seen = _count(victim.log, "Start `flwr-clientapp` process")
+    victim, victim_executor = link.nodes["node-1"], link.executors["node-1"]
+    seen = link.clientapp_launches("node-1")
 
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(link.run(app, timeout=420)), daemon=True)
     runner.start()
     # The node's first ClientApp of this run is the "which users" query, its second the round-1 training.
     deadline = time.monotonic() + 240
-    while _count(victim.log, "Start `flwr-clientapp` process") < seen + 2:
+    while link.clientapp_launches("node-1") < seen + 2:
         assert time.monotonic() < deadline, "round 1 never reached node-1"
         assert runner.is_alive(), result
         time.sleep(0.2)
-    time.sleep(1.0)  # inside the round: node-1's ClientApp is importing/training
-    victim.stop()  # SIGTERM to the SuperNode and its whole process tree (SuperExec, ClientApp)
+    time.sleep(0.5)  # inside the round: node-1's ClientApp (forked a moment ago) is training
+    executor_tree = _tree({victim_executor.popen.pid}, set())
+    assert len(executor_tree) >= 2, executor_tree  # the executor and the ClientApp it forked
+    victim.stop()  # SIGTERM to the SuperNode and its whole process tree
     assert not victim.alive()
-    time.sleep(2.0)
-    link.restart_supernode("node-1")  # same key, same state folder, same port
+    victim_executor.popen.wait(timeout=30)  # the executor and its ClientApp follow their SuperNode
+    assert not _alive(executor_tree), _alive(executor_tree)
+    link.restart_supernode("node-1")  # same key, same state folder, same port, a new executor
     runner.join(timeout=480)
     assert not runner.is_alive(), "run did not finish"
     assert result.get("status") == "finished:completed", result
