@@ -36,14 +36,14 @@ from pathlib import Path
 
 # tests/test_deploy.py's TINY setting.
 TINY = ["--clients", "2", "--test-clients", "0", "--rounds", "1", "--pseudo-queries", "1", "--retrieve", "2",
-        "--k", "1", "--candidates", "2", "--run-config", "train-layers=1"]
+        "--k", "1", "--candidates", "2", "--train-layers", "1"]
 MODES = ("subprocess", "process")
 
 
 def deploy(root: Path, name: str, mode: str, states: Path, certs: Path, timeout: float) -> dict:
     """One `fedhydra deploy` run; returns its rounds and wall times."""
     out, work = root / name / "out", root / name / "work"
-    cmd = [sys.executable, "-m", "fedhydra.common.cli", "deploy", *TINY, "--isolation", mode, "--out", str(out),
+    cmd = [sys.executable, "-m", "fedhydra.cli.main", "deploy", *TINY, "--isolation", mode, "--out", str(out),
            "--workdir", str(work), "--certs", str(certs), "--state-root", str(states), "--timeout", str(timeout),
            "--quiet"]
     t0 = time.monotonic()

@@ -49,6 +49,10 @@ def run_federated(values: dict, out: Path, parallel: int = 0, clientapp: str = C
     threads = max(1, cores // parallel)  # each client runs its LLM and torch on its share of the cores
     fed = values | {"out": str(out / "federated"), "state-root": str(out / "clients"), "min-nodes": n,
                     "threads": threads, "llm-threads": threads}
+    if fed["resume"]:  # refuse a resume under other settings here, before starting anything
+        from fedhydra.server import checkpoint
+
+        checkpoint.load(Path(fed["out"]) / "checkpoint", checkpoint.fingerprint(fed))
     app = write_app(out / "flower" / "app", fed, clientapp=clientapp, files=files)
     options = {"num-supernodes": n, "client-resources-num-cpus": threads, "init-args-num-cpus": cores}
     if torch.cuda.is_available():
@@ -96,7 +100,10 @@ def run_local(task: Task, llm, groups: list, cfg: HydraConfig):
     return result, rows
 
 
-def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False) -> Path:
+def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False, clientapp: str = CLIENTAPP,
+                     files: dict[str, str] | None = None) -> Path:
+    """Everything `fedhydra simulate` and `fedhydra demo` do; `clientapp` / `files`: the ClientApp component
+    to run and extra files for the app folder (tests wrap FedHydra's ClientApp with a recording mod)."""
     from .evaluate import check_methods, run_hydra
 
     t0 = time.perf_counter()
@@ -144,7 +151,7 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False)
     if "hydra-fed" in methods:
         print("federated run (Flower's simulation runtime, flwr run):", flush=True)
         t1 = time.perf_counter()
-        doc = run_federated(values, out, args.parallel)
+        doc = run_federated(values, out, args.parallel, clientapp, files)
         extra["federated"] = doc
         if doc["status"] == "done":
             results.append(fed_result(task, doc, time.perf_counter() - t1))

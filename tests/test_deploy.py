@@ -36,7 +36,7 @@ pytestmark = [
 # The smallest HYDRA that still trains both modules: 1 pseudo-query per user, M=2, k=1, B=2,
 # one trainable encoder layer; rounds=1 per module = 2 FedAvg rounds (reranker, then adapter).
 TINY = ["--rounds", "1", "--pseudo-queries", "1", "--retrieve", "2", "--k", "1", "--candidates", "2",
-        "--run-config", "train-layers=1"]
+        "--train-layers", "1"]
 TINY_CONFIG = {"rounds": 1, "pseudo-queries": 1, "retrieve": 2, "k": 1, "candidates": 2, "train-layers": 1}
 
 
@@ -55,7 +55,7 @@ def _rounds(out: Path) -> list[dict]:
 
 def test_deploy_command_tls_two_nodes_two_rounds(shared):
     out, work = shared["root"] / "out-cli", shared["root"] / "work-cli"
-    cmd = [sys.executable, "-m", "fedhydra.common.cli", "deploy", "--clients", "2", "--test-clients", "0",
+    cmd = [sys.executable, "-m", "fedhydra.cli.main", "deploy", "--clients", "2", "--test-clients", "0",
            *TINY, "--out", str(out), "--workdir", str(work), "--certs", str(shared["certs"]),
            "--state-root", str(shared["states"]), "--timeout", "420", "--quiet"]
     t0 = time.monotonic()
@@ -81,7 +81,7 @@ def test_deploy_command_tls_two_nodes_two_rounds(shared):
 @pytest.fixture(scope="module")
 def link(shared):
     """A TLS SuperLink with SuperNode authentication, shared by the remaining tests."""
-    from fedhydra.server.deployment import Deployment
+    from fedhydra.simulations.deployment import Deployment
 
     dep = Deployment(shared["root"] / "work-link", certs=shared["certs"], log=lambda *_: None)
     try:
@@ -127,35 +127,31 @@ def test_unregistered_supernodes_are_refused(link, shared, tmp_path):
 
 def _alive(pids: dict[int, str]) -> set[int]:
     """The processes of `pids` (pid -> start time) that still run."""
-    from fedhydra.server.processes import _proc_table
+    from fedhydra.simulations.processes import _proc_table
 
     table = _proc_table()
     return {pid for pid, start in pids.items() if pid in table and table[pid][2] == start}
 
 
 def test_supernode_killed_mid_round_does_not_stop_the_run(link, shared, tmp_path):
-    from fedhydra.common.data import split_users
-    from fedhydra.common.synthetic import make_synthetic
-    from fedhydra.server.deploy import server_defaults
-    from fedhydra.server.deployment import write_app
-    from fedhydra.server.processes import _tree
-    from fedhydra.simulations.partition import prepare_clients
+    from fedhydra.common import settings
+    from fedhydra.simulations.deployment import write_app
+    from fedhydra.simulations.processes import _tree
 
-    # The same users and folders `fedhydra deploy --clients 2 --test-clients 0 --seed 0` made above.
-    split = make_synthetic("LaMP_2M", n_users=2, seed=0)
-    train, _ = split_users(split.users, 2, 0, 0)
-    specs = prepare_clients(shared["states"], split.task, train, [], users_per_client=1, by="id", seed=0)
+    # The same partitions and folders `fedhydra deploy --clients 2 --test-clients 0 --seed 0` used above
+    # (each ClientApp makes its state folder from its partition when it is missing).
     names = []
-    for spec in specs:
-        name = f"node-{spec.index}"
-        link.start_supernode(name, spec.state, node_config={"threads": 1, "llm-threads": 1})
+    for i in range(2):
+        name = f"node-{i}"
+        link.start_supernode(name, shared["states"] / f"client-{i}", node_config={"partition-id": i,
+                                                                                 "num-partitions": 2})
         names.append(name)
     link.wait_online(names)
 
     out = tmp_path / "out"
-    config = {**server_defaults(), **TINY_CONFIG, "task": "LaMP_2M", "min-nodes": 2, "out": str(out),
-              "round-timeout": 300.0}
-    app = write_app(tmp_path / "app", config)
+    values = settings.resolve(TINY_CONFIG, {"task": "LaMP_2M", "clients": 2, "test-clients": 0, "min-nodes": 2,
+                                            "out": str(out), "round-timeout": 300.0})
+    app = write_app(tmp_path / "app", values)
     victim, victim_executor = link.nodes["node-1"], link.executors["node-1"]
     seen = link.clientapp_launches("node-1")
 

@@ -12,10 +12,10 @@ import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedhydra.server.certs import ensure_node_key, ensure_server_certs
-from fedhydra.server.deploy import _parse_kv, server_defaults
-from fedhydra.server.deployment import CLIENTAPP, SERVERAPP, write_app
-from fedhydra.server.processes import Proc
+from fedhydra.common import settings
+from fedhydra.simulations.certs import ensure_node_key, ensure_server_certs
+from fedhydra.simulations.deployment import CLIENTAPP, SERVERAPP, write_app
+from fedhydra.simulations.processes import Proc
 
 
 def test_certificates_verify_and_name_loopback(tmp_path):
@@ -49,19 +49,14 @@ def test_app_folder_is_a_valid_flower_app(tmp_path):
     from flwr.cli.build import build_fab_from_disk
     from flwr.common.config import validate_config
 
-    config = {**server_defaults(), "rounds": 2, "out": str(tmp_path / "out dir"), "resume": True}
-    app = write_app(tmp_path / "app", config)
+    values = settings.resolve({"rounds": 2, "out": str(tmp_path / "out dir"), "resume": True})
+    app = write_app(tmp_path / "app", values)
     doc = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
     assert doc["tool"]["flwr"]["app"]["components"] == {"serverapp": SERVERAPP, "clientapp": CLIENTAPP}
-    assert doc["tool"]["flwr"]["app"]["config"]["out"] == str(tmp_path / "out dir")
+    assert doc["tool"]["flwr"]["app"]["config"] == values  # every setting, typed as the table says
     ok, errors, _warnings = validate_config(doc, check_module=True, project_dir=app)
     assert ok, errors
     assert build_fab_from_disk(app)  # what `flwr run` packages: pyproject.toml only
-
-
-def test_run_config_values_parse_as_toml():
-    assert _parse_kv(["train-layers=1", "lr=0.5", "resume=true", 'out="/a b"', "llm=openai"]) == {
-        "train-layers": 1, "lr": 0.5, "resume": True, "out": "/a b", "llm": "openai"}
 
 
 def test_stop_ends_the_whole_process_tree(tmp_path):
@@ -71,7 +66,7 @@ def test_stop_ends_the_whole_process_tree(tmp_path):
     popen = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     proc = Proc("t", popen, tmp_path / "log", {popen.pid})
     time.sleep(1.0)
-    from fedhydra.server.processes import _proc_table, _tree
+    from fedhydra.simulations.processes import _proc_table, _tree
 
     tree = _tree({popen.pid}, {popen.pid})
     assert len(tree) == 2

@@ -216,7 +216,7 @@ def test_existing_good_files_survive_a_failing_download(server, tmp_path):
 
 
 def test_cli_download_reports_written_files_and_one_line_errors(server, tmp_path, capsys):
-    from fedhydra.common.cli import main
+    from fedhydra.cli.main import main
 
     base, served = server
     questions, outputs = _tweet_split()

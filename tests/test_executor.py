@@ -15,7 +15,7 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
 
 from fedhydra.client.executor import READY, ForkExecutor, loopback_address
-from fedhydra.server.processes import _proc_table, _tree, free_port
+from fedhydra.simulations.processes import _proc_table, _tree, free_port
 
 
 def _spec(task_type=TaskType.CLIENT_APP, port: int | None = None) -> ExecutionSpec:

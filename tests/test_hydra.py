@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedhydra.common import labels
+from fedhydra.common import hydra, labels, selection
 from fedhydra.common.config import get_config
 from fedhydra.common.data import split_users
 from fedhydra.common.hydra import HydraModels, fit, train
-from fedhydra.common.pipeline import HydraPipeline
+from fedhydra.common.pipeline import HydraPipeline, adapter_scores
+from fedhydra.common.training import CandidateGroup
 from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever
 from fedhydra.common.synthetic import make_synthetic
@@ -38,11 +39,11 @@ def test_fit_never_sends_the_test_query_or_gold_and_keeps_the_base(llm):
     task, cfg = split.task, get_config("cpu", **TINY)
     train_users, test_users = split.users[:2], split.users[2:]
     models = HydraModels.new(cfg)
-    train(task, llm, train_users, cfg, models, progress=False)
+    train(task, llm, train_users, cfg, models)
     base = {m: {k: v.clone() for k, v in getattr(models, m).shared_state().items()} for m in ("reranker", "adapter")}
     llm.requests.clear()
 
-    fit(task, llm, test_users, cfg, models, progress=False)
+    fit(task, llm, test_users, cfg, models)
 
     sent = "\n".join(llm.prompt_texts())
     assert llm.requests, "the fit stage made no LLM request"
@@ -76,15 +77,15 @@ def test_unknown_user_is_served_by_the_default_head(llm):
     split = make_synthetic("LaMP_2M", n_users=3, seed=5)
     task, cfg = split.task, get_config("cpu", **TINY)
     models = HydraModels.new(cfg)
-    train(task, llm, split.users[:2], cfg, models, progress=False)
+    train(task, llm, split.users[:2], cfg, models)
     stranger = split.users[2]
     assert not models.adapter.has_user(stranger.id)
-    pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg)
+    pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin=0.0)
     answer = pipe.answer(stranger)
     query = task.content(stranger.input)
-    expected = models.adapter.score("__nobody__", query, answer.candidates)
+    expected = adapter_scores(models.adapter, task, "__nobody__", query, answer.candidates)
     assert answer.scores == [float(s) for s in expected]
-    assert answer.text == answer.candidates[max(range(len(expected)), key=lambda j: (expected[j], -j))]
+    assert answer.text == answer.candidates[selection.pick(expected, 0.0)]
     assert len(answer.items) == cfg.k and len(answer.candidates) == cfg.candidates + 1  # greedy + B samples
 
 
@@ -115,18 +116,29 @@ def test_hydra_beats_rag_on_synthetic_movie_tags(llm, one_torch_thread):
     cfg = get_config("cpu", **SMALL)
     assert cfg.adapter_label_queries > 0, "the cpu preset should make label-set queries for classification"
 
-    [hydra], predictions, _, _ = run_hydra(task, llm, train_users, test_users, ["hydra"], cfg, progress=False)
-    [rag], _ = run_baselines(task, test_users, [f"rag-{cfg.k}"], llm, seed=cfg.seed, style=cfg.style, progress=False)
+    [hydra], predictions, _, _ = run_hydra(task, llm, train_users, test_users, ["hydra"], cfg, say=lambda _: None)
+    [rag], _ = run_baselines(task, test_users, [f"rag-{cfg.k}"], llm, seed=cfg.seed, progress=False)
 
     assert [r["id"] for r in predictions["hydra"]] == [u.id for u in test_users]
     print(f"hydra {hydra.metrics} rag-{cfg.k} {rag.metrics}")
     assert hydra.metrics["accuracy"] > rag.metrics["accuracy"], (hydra.metrics, rag.metrics)
 
 
-def test_label_set_queries_are_balanced_and_need_no_llm():
+def test_label_set_queries_need_no_llm_graded_one_group_per_item():
     split = make_synthetic("LaMP_2M", n_users=1, seed=1)
     task, user = split.task, split.users[0]
-    cfg = get_config("cpu", adapter_label_queries=5)
+    groups = labels.label_set_examples(task, user, get_config("cpu", adapter_label_queries=5))  # no LLM argument
+    tags = {task.item_text(p): p["tag"] for p in user.profile}
+    assert len(groups) == 5 and all(isinstance(g, CandidateGroup) for g in groups)
+    for g in groups:
+        assert g.texts == list(task.labels) and g.grades == [float(t == tags[g.query]) for t in task.labels]
+        assert len(g.features) == len(task.labels)
+
+
+def test_label_set_queries_are_balanced_in_hydras_pointwise_recipe():
+    split = make_synthetic("LaMP_2M", n_users=1, seed=1)
+    task, user = split.task, split.users[0]
+    cfg = get_config("cpu", adapter_label_queries=5, adapter_labels="gold")
     examples = labels.label_set_examples(task, user, cfg)  # no LLM argument: it cannot make a call
     by_query: dict[str, list] = {}
     for e in examples:
@@ -138,7 +150,7 @@ def test_label_set_queries_are_balanced_and_need_no_llm():
         negatives = {e.text for e in rows if e.label == 0}
         assert set(positives) == {tags[query]} and len(positives) == len(negatives) == len(task.labels) - 1
         assert negatives == set(task.labels) - {tags[query]}
-    assert labels.label_set_examples(task, user, get_config("cpu", adapter_label_queries=0)) == []
+    assert labels.label_set_examples(task, user, get_config("cpu", adapter_label_queries=0, adapter_labels="gold")) == []
     tweets = make_synthetic("LaMP_7", n_users=1, seed=1)
     assert labels.label_set_examples(tweets.task, tweets.users[0], cfg) == []  # generation: no label set
 
@@ -151,16 +163,53 @@ class _FixedLLM:
 
 
 class _FixedAdapter:
-    def score(self, user_id, query, texts):
-        return [0.50 if t == "comedy" else 0.58 for t in texts]
+    extra = 0
+
+    def log_odds(self, user_id, query, texts, extra=None):
+        return [0.0 if t == "comedy" else 0.3 for t in texts]
 
 
 def test_a_sample_replaces_greedy_only_beyond_the_margin():
     split = make_synthetic("LaMP_2M", n_users=1, seed=2)
     task, user = split.task, split.users[0]
     answers = {}
-    for margin in (0.0, 0.05, 0.1):
-        cfg = get_config("cpu", adapter_margin=margin)
-        pipe = HydraPipeline(task, _FixedLLM(), Retriever(task), None, _FixedAdapter(), cfg)
+    for margin in (0.0, 0.2, 0.5, None):
+        pipe = HydraPipeline(task, _FixedLLM(), Retriever(task), None, _FixedAdapter(), get_config("cpu"), margin)
         answers[margin] = pipe.answer(user, mode="adapter").text
-    assert answers == {0.0: "romance", 0.05: "romance", 0.1: "comedy"}
+    assert answers == {0.0: "romance", 0.2: "romance", 0.5: "comedy", None: "comedy"}
+
+
+def test_margin_off_answers_like_the_reranker_alone(llm):
+    split = make_synthetic("LaMP_7", n_users=3, seed=4)
+    task, cfg = split.task, get_config("cpu", **TINY, adapter_margin="off")
+    models = HydraModels.new(cfg)
+    report = train(task, llm, split.users[:2], cfg, models)
+    margin = hydra.resolve_margin(cfg, report.get("calibration", {}).get("margin"))
+    assert margin is None and "calibration" not in report
+    pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
+    user = split.users[2]
+    full = pipe.answer(user, "full")
+    assert len(full.candidates) == cfg.candidates + 1 and full.text == pipe.answer(user, "reranker").text
+
+
+def test_the_margin_is_calibrated_on_training_queries_only(llm, monkeypatch):
+    split = make_synthetic("LaMP_7", n_users=4, seed=6)
+    task, cfg = split.task, get_config("cpu", **TINY)
+    train_users, test_users = split.users[:2], split.users[2:]
+    seen = []
+    real = hydra.calibration_sums
+
+    def spy(task, adapter, examples):
+        seen.extend(g for g in examples if isinstance(g, CandidateGroup) and g.held_out)
+        return real(task, adapter, examples)
+
+    monkeypatch.setattr(hydra, "calibration_sums", spy)
+    models = HydraModels.new(cfg)
+    report = train(task, llm, train_users, cfg, models)
+    fit(task, llm, test_users, cfg, models)
+    assert report["calibration"]["queries"] == len(train_users) == len(seen)
+    # what calibration sees: exactly the training users' own real queries, never a test user's query or gold
+    assert sorted((g.user_id, g.query) for g in seen) == sorted((u.id, task.content(u.input)) for u in train_users)
+    text = "\n".join(g.query + "\n" + "\n".join(g.texts) for g in seen)
+    for u in test_users:
+        assert task.content(u.input) not in text and u.gold not in text

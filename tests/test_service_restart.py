@@ -58,7 +58,7 @@ def test_untrained_state_is_served_with_bm25_and_greedy_then_saved_models_are_pi
 
 def _serve(state_dir, env) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedhydra.common.cli", "client", "serve", "--state", str(state_dir), "--port", "0",
+        [sys.executable, "-m", "fedhydra.cli.main", "client", "serve", "--state", str(state_dir), "--port", "0",
          "--llm-threads", "1", "--grace", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 180

@@ -125,7 +125,7 @@ def test_unsupported_arguments_are_refused():
 
 
 def test_cli_synth_writes_loadable_files(tmp_path: Path, capsys):
-    from fedhydra.common.cli import main
+    from fedhydra.cli.main import main
 
     assert main(["data", "synth", "--dest", str(tmp_path), "--users", "6", "--seed", "4"]) == 0
     assert f"wrote {tmp_path / 'dev_questions.json'}" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
-from fedhydra.common.training import ScoredExample, fit_stage, train_stage
+from fedhydra.common.training import CandidateGroup, ScoredExample, fit_stage, train_stage
 
 QUERY = "which pet?"
 TEMPLATES = ["a photo of a {}", "my {} is sleeping", "the {} ran away", "I fed the {} today",
@@ -91,13 +91,59 @@ def test_fit_stage_keeps_base_bit_identical_and_fits_only_its_users(model):
     assert all(p.requires_grad for p in model.trainable_base_parameters())  # fit leaves the base trainable
 
 
-def test_fit_stage_reset_heads_reinitialises(model):
+def test_fit_stage_random_init_reinitialises(model):
     model.add_user("c")
     with torch.no_grad():
         for p in model.head("c").parameters():
             p.fill_(3.0)
-    fit_stage(model, pet_examples("c", "cat"), epochs=1, lr=1e-5, reset_heads=True, progress=False)
+    fit_stage(model, pet_examples("c", "cat"), epochs=1, lr=1e-5, init="random", progress=False)
     assert model.head("c").out_proj.weight.detach().abs().max().item() < 1.0  # fresh init, not the 3.0s
+
+
+def test_warm_started_heads_equal_the_default_head_before_fitting(model):
+    with torch.no_grad():
+        for p in model.heads[DEFAULT_HEAD].parameters():
+            p.add_(0.5)  # a default head unlike any fresh initialisation
+    default = _params(model.heads[DEFAULT_HEAD])
+    model.add_user("warm", from_default=True)
+    assert all(torch.equal(default[n], p) for n, p in model.head("warm").named_parameters())
+    assert model.head("warm") is not model.heads[DEFAULT_HEAD]
+    # fit_stage's default init starts each user there: with a negligible step the head stays at the default
+    fit_stage(model, pet_examples("newcomer", "dog"), epochs=1, lr=1e-12, progress=False)
+    assert all(torch.allclose(default[n], p, atol=1e-6) for n, p in model.head("newcomer").named_parameters())
+    with pytest.raises(ValueError, match="init must be"):
+        fit_stage(model, pet_examples("x", "dog"), init="zeros", progress=False)
+
+
+def pet_groups(user: str, liked: str, held_out: bool = False) -> list[CandidateGroup]:
+    """Each query's candidates mention both pets; texts about `liked` grade 0.9, the other 0.1."""
+    return [CandidateGroup(user, QUERY, [t.format("cat"), t.format("dog")], [0.9 if liked == "cat" else 0.1,
+                                                                            0.1 if liked == "cat" else 0.9],
+                           held_out=held_out) for t in TEMPLATES]
+
+
+def test_listwise_groups_teach_each_user_to_rank_candidates(model):
+    examples = pet_groups("cat_lover", "cat") + pet_groups("dog_lover", "dog")
+    metrics = train_stage(model, examples, epochs=4, lr=5e-5, head_lr=3e-3, batch_size=8, progress=False)
+    assert metrics["examples"] == 12 and metrics["accuracy"] >= 0.8
+    pair = ["there is a cat on the roof", "there is a dog on the roof"]
+    cat, dog = model.log_odds("cat_lover", QUERY, pair), model.log_odds("dog_lover", QUERY, pair)
+    assert cat[0] > cat[1] and dog[1] > dog[0]
+
+
+def test_held_out_groups_are_never_trained_on(model):
+    before = _params(model.encoder)
+    with pytest.raises(ValueError, match="no training examples"):
+        train_stage(model, pet_groups("a", "cat", held_out=True), progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.encoder.named_parameters())
+    metrics = train_stage(model, pet_groups("a", "cat") + pet_groups("b", "dog", held_out=True), epochs=1,
+                          progress=False)
+    assert metrics["examples"] == 6 and metrics["users"] == 1 and not model.has_user("b")
+
+
+def test_mixed_kinds_of_examples_are_refused(model):
+    with pytest.raises(TypeError, match="must all be ScoredExample or all CandidateGroup"):
+        train_stage(model, pet_examples("a", "cat") + pet_groups("a", "cat"), progress=False)
 
 
 def test_train_stage_learns_opposite_preferences_per_user(model):

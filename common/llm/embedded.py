@@ -68,7 +68,10 @@ class EmbeddedLLM:
         self.stats = LLMStats()
         self._lock = threading.Lock()
         try:
-            self._llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+            # n_threads_batch too: llama-cpp-python otherwise prefills with every core, and its spinning pool
+            # stalls whenever another process shares them (prefill is most of the cost; MEASUREMENTS.md)
+            self._llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                                verbose=False)
         except ValueError as exc:  # llama-cpp-python reports an unreadable model as ValueError
             raise LLMError(f"{self.name}: could not load {path}: {exc}") from exc
         self._prefilled: list[int] | None = None  # prompt tokens (all but the last) now in the KV cache

@@ -1,0 +1,73 @@
+"""Choosing among candidates: graded targets, features, the training-free rules and the calibrated margin."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedhydra.common import selection
+from fedhydra.common.metrics import rouge_pair
+from fedhydra.common.tasks import get_task
+
+LAMP7 = get_task("LaMP_7")
+MOVIES = get_task("LaMP_2M")
+QUERY = "I am so happy that the weekend is finally here"
+GOLD = "so happy its finally the weekend!!"
+CANDIDATES = ["I am happy it is the weekend.",  # greedy
+              "so happy its finally the weekend",
+              "Weekends are a time for rest and family.",
+              "happy weekend"]
+
+
+def test_graded_labels_of_a_generation_query_are_ordered_like_the_metric():
+    grades = selection.grades(LAMP7, CANDIDATES, GOLD)
+    metric = [sum(rouge_pair(c, GOLD)) / 2 for c in CANDIDATES]
+    assert grades == pytest.approx(metric)
+    order = sorted(range(len(CANDIDATES)), key=lambda j: -grades[j])
+    assert order == sorted(range(len(CANDIDATES)), key=lambda j: -metric[j])
+    assert order[0] == 1 and order[-1] == 2  # the near-copy first, the off-topic sentence last
+
+
+def test_classification_grades_are_correctness_and_agreement_is_the_same_label():
+    cands = ["comedy", "Comedy, I think", "romance", "not a tag"]
+    assert selection.grades(MOVIES, cands, "comedy") == [1.0, 1.0, 0.0, 0.0]
+    feats = selection.candidate_features(MOVIES, "a funny film", cands)
+    assert [round(f[1], 3) for f in feats] == [round(1 / 3, 3), round(1 / 3, 3), 0.0, 0.0]
+    assert selection.mbr(MOVIES, "a funny film", cands) == 0
+
+
+def test_features_describe_each_candidate_without_the_gold():
+    feats = selection.candidate_features(LAMP7, QUERY, CANDIDATES)
+    assert len(feats) == 4 and all(len(f) == len(selection.FEATURES) for f in feats)
+    assert [f[3] for f in feats] == [1.0, 0.0, 0.0, 0.0]  # only the greedy answer is flagged
+    closeness = [f[0] for f in feats]
+    assert closeness.index(max(closeness)) == selection.closest(LAMP7, QUERY, CANDIDATES)
+    assert feats[3][2] < 0 < feats[0][2] + 1  # "happy weekend" is much shorter than the query
+
+
+def test_training_free_rules_and_the_oracle():
+    assert selection.oracle(LAMP7, CANDIDATES, GOLD) == 1
+    assert selection.closest(LAMP7, QUERY, CANDIDATES) in (0, 1)
+    assert selection.closest(MOVIES, "a film", ["comedy", "romance"]) == 0  # classification: greedy
+    assert selection.mbr(LAMP7, QUERY, ["a b c", "a b c", "x y z"]) == 0  # ties go to the earlier candidate
+
+
+def test_pick_keeps_greedy_unless_a_candidate_beats_it_by_more_than_the_margin():
+    scores = [0.0, 0.3, 0.1]
+    assert selection.pick(scores, 0.0) == 1
+    assert selection.pick(scores, 0.25) == 1
+    assert selection.pick(scores, 0.3) == 0
+    assert selection.pick(scores, None) == 0  # off
+    assert selection.pick([0.2, 0.2], 0.0) == 0  # a tie keeps greedy
+
+
+def test_margin_is_picked_from_additive_sums():
+    # query 1: greedy 0.2, best sample (+0.4 log-odds) 0.6; query 2: greedy 0.5, best sample (+0.2) 0.1
+    q1 = selection.margin_sums([0.0, 0.4], [0.2, 0.6])
+    q2 = selection.margin_sums([0.0, 0.2], [0.5, 0.1])
+    total = selection.add_sums(q1, q2)
+    assert total["queries"] == 2 and total["margin:off"] == pytest.approx(0.7)
+    choice = selection.pick_margin(total)
+    # margins 0 and 0.1 switch on both (0.6 + 0.1), 0.25 only on query 1 (0.6 + 0.5), 0.5 and up on neither
+    assert choice["mean"]["0.25"] == pytest.approx(0.55) and choice["margin"] == 0.25
+    assert selection.pick_margin({})["margin"] == "off"
+    assert selection.pick_margin(selection.margin_sums([0.0, 1.0], [0.5, 0.5]))["margin"] == "off"  # tie: greedy
