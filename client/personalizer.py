@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedhydra.common.baselines import Answer
+from fedhydra.common.pipeline import Answer
 from fedhydra.common.config import HydraConfig, get_config
 from fedhydra.common.llm.base import LLM, LLMStats
 from fedhydra.common.pipeline import HydraPipeline
@@ -134,6 +134,8 @@ class Personalizer:
         self.state, self.llm, self.limits = state, llm, limits
         self.task = state.task
         self.config = config or state.config() or get_config("auto")
+        # the margin its fit-and-evaluate chose; a state that was never calibrated answers greedily
+        self.margin = None if self.config.margin in ("auto", "off") else float(self.config.margin)
         self.device, self.encoder = device, encoder
         self.retriever = FreshRetriever(self.task)
         self._infer_lock = threading.Lock()
@@ -278,7 +280,7 @@ class Personalizer:
             stored = self.state.user(user_id)
             query_user = User(id=user_id, input=full, profile=stored.profile)
             pipeline = HydraPipeline(self.task, self.llm, self.retriever, models.reranker, models.adapter,
-                                     self.config)
+                                     self.config, self.margin)
             before = self.llm.stats.copy()
             answer = pipeline.answer(query_user, mode)
             used = self.llm.stats.minus(before)

@@ -30,7 +30,7 @@ class ServiceError(RuntimeError):
 @dataclass
 class Candidate:
     text: str
-    score: float | None  # adapter P(good); None when no adapter was used
+    score: float | None  # adapter log-odds of a good answer; None when no adapter was used
     chosen: bool
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -155,7 +156,7 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
             training.fit_stage(model, examples, seed=cfg.seed, init="default", say=say, **hydra.optim_args(cfg))
         model.clear_cache()
     state.save_models(models)
-    state.save_config(cfg)
+    state.save_config(replace(cfg, adapter_margin="off" if margin is None else repr(margin)))  # the service uses it
     pipe = HydraPipeline(state.task, llm, Retriever(state.task), models.reranker, models.adapter, cfg, margin)
     predictions = [pipe.answer(u, "full").text for u in users]
     stats = metric_stats(state.task, predictions, [u.gold for u in users])

@@ -54,3 +54,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the embedded LLM is marked `llm` (select or skip them with -m)."""
+    for item in items:
+        if {"llm", "embedded_llm"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.llm)

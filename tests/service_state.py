@@ -10,7 +10,7 @@ from fedhydra.common.hydra import HydraModels
 from fedhydra.common.records import User
 from fedhydra.common.synthetic import make_synthetic
 
-TINY = dict(retrieve=3, k=2, candidates=2, max_length=64)
+TINY = dict(retrieve=3, k=2, candidates=2, max_length=64, adapter_margin="0.0")  # margin 0: the adapter chooses
 
 
 def make_state(folder, with_models: bool) -> ClientState:

@@ -14,7 +14,8 @@ from conftest import LLM_UNAVAILABLE
 import pytest
 
 FEDHYDRA = str(Path(sys.executable).parent / "fedhydra")
-pytestmark = pytest.mark.skipif(LLM_UNAVAILABLE is not None, reason=f"embedded LLM unavailable: {LLM_UNAVAILABLE}")
+pytestmark = [pytest.mark.llm,
+              pytest.mark.skipif(LLM_UNAVAILABLE is not None, reason=f"embedded LLM unavailable: {LLM_UNAVAILABLE}")]
 
 
 def _evaluate(data: Path, out: Path, cache: Path) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from fedhydra.client.personalizer import Limits, Personalizer
 from fedhydra.client.service import start_server
 from fedhydra.client.service_client import PersonalizerClient, ServiceError
-from fedhydra.common import cli
+from fedhydra.cli import main as cli
 from fedhydra.common.llm import CachedLLM, ResponseCache
 from fedhydra.common.pipeline import HydraPipeline
 from fedhydra.common.retrieval import Retriever
@@ -53,7 +53,7 @@ def test_answer_matches_the_pipeline_called_directly(served, client, embedded_ll
     state = served.core.state
     models = state.load_models()  # independent copies of the saved scorers
     direct = HydraPipeline(state.task, CachedLLM(embedded_llm, ResponseCache(state.llm_cache_dir)),
-                           Retriever(state.task), models.reranker, models.adapter, state.config())
+                           Retriever(state.task), models.reranker, models.adapter, state.config(), margin=0.0)
     for user, head in ((state.users()[0], "user"), (state.users()[2], "default")):
         got = client.personalize(user.id, content(user))  # content only: the service adds the instruction
         want = direct.answer(user)
@@ -162,13 +162,14 @@ def test_fifty_concurrent_requests(served, client):
     users = state.users()
     for u in users[:3]:  # warm the LLM cache so 50 calls take seconds, not minutes
         client.personalize(u.id, content(u))
-    history_before = len(state.user(users[1].id).profile)
+    writer = users[3]  # appends go to a user nobody queries: a queried user's history (and answer) must not move
+    history_before = len(state.user(writer.id).profile)
 
     def call(i):
         with PersonalizerClient(served.address, timeout=300) as c:  # a channel per caller, like separate apps
             if i % 5 == 0:
-                return "add", c.add_history(users[1].id, [{"description": f"Concurrent film number {i}.",
-                                                           "tag": "classic"}])
+                return "add", c.add_history(writer.id, [{"description": f"Concurrent film number {i}.",
+                                                         "tag": "classic"}])
             if i % 5 == 1:
                 return "status", c.status()
             u = users[i % 3]
@@ -182,8 +183,11 @@ def test_fifty_concurrent_requests(served, client):
     for uid, got in asks:  # the same query always gets the same candidates and scores
         first.setdefault(uid, got)
         assert [(c.text, c.score) for c in got.candidates] == [(c.text, c.score) for c in first[uid].candidates]
+    for uid, got in first.items():  # no race: what 50 concurrent calls saw is what one call alone sees
+        alone = client.personalize(uid, content(state.user(uid)))
+        assert [(c.text, c.score) for c in alone.candidates] == [(c.text, c.score) for c in got.candidates]
     added = [r[0][0] for kind, r in results if kind == "add"]
-    stored = {i["id"] for i in state.user(users[1].id).profile}
+    stored = {i["id"] for i in state.user(writer.id).profile}
     assert len(stored) == history_before + 10 and set(added) <= stored
 
 
