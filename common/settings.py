@@ -100,9 +100,22 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("resume", False, "continue from the checkpoint in out", "federation"),
     _S("stop-after-round", 0, "stop cleanly after this round (0 = run to the end); resume later", "federation"),
     _S("threads", 1, "torch threads of each client", "federation"),
+    # --- privacy (PRIVACY.md): differential privacy and secure aggregation of the shared arrays
+    _S("dp", "off", "differential privacy: off, user (each client's update clipped, Gaussian noise on the sum at "
+       "the server, Flower's RDP accountant) or record (DP-SGD with Opacus on each client)", "privacy",
+       ("off", "user", "record")),
+    _S("dp-epsilon", 0.0, "target epsilon of the whole planned training; the noise multiplier is computed from it "
+       "(0 = use dp-noise-multiplier)", "privacy"),
+    _S("dp-noise-multiplier", 0.0, "Gaussian noise std over the clip norm (used when dp-epsilon is 0)", "privacy"),
+    _S("dp-clip", 1.0, "clip norm C: of a client's update (user) or of one unit's gradient (record)", "privacy"),
+    _S("dp-delta", 1e-5, "delta of the (epsilon, delta) guarantee", "privacy"),
+    _S("dp-max-epsilon", 0.0, "never release beyond this epsilon: a round that would exceed it is not run "
+       "(0 = dp-epsilon when set, else no cap)", "privacy"),
+    _S("secagg", False, "secure aggregation (Flower's SecAgg+): the server sees only the sum of the train "
+       "clients' updates", "privacy"),
 )}
 
-GROUPS = ("data", "hydra", "llm", "federation")
+GROUPS = ("data", "hydra", "llm", "federation", "privacy")
 
 
 def defaults(groups: tuple[str, ...] = GROUPS) -> dict[str, Value]:
@@ -154,7 +167,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...], skip
     """`--key` flags for the settings of `groups` (argparse default None: `from_args` keeps only what was given).
     `shown_defaults` are a command's own defaults (e.g. the demo's sizes), shown in --help."""
     shown = dict(shown_defaults or {})
-    titles = {"data": "data and clients", "hydra": "HYDRA", "llm": "black-box LLM", "federation": "federation"}
+    titles = {"data": "data and clients", "hydra": "HYDRA", "llm": "black-box LLM", "federation": "federation",
+              "privacy": "privacy"}
     for group in groups:
         g = parser.add_argument_group(titles[group])
         for key, s in SETTINGS.items():
