@@ -14,15 +14,9 @@ import sys
 from fedhydra.common import settings
 from fedhydra.common.llm.base import LLMError
 from fedhydra.common.records import DataError
+from fedhydra.simulations.deployment import FLWR_ENV
 
 # Flower must never install dependencies at run time, phone home, or check for updates.
-FLWR_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
 for _key, _value in FLWR_ENV.items():
     os.environ.setdefault(_key, _value)
 

@@ -181,8 +181,9 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
     if q and fed:  # hydra-fed's clients return metric sums, not per-user answers: a point ratio only
         base = next(iter(q.values()))["baseline"]
         b, f = next(r for r in results if r.method == base).metrics[task.metrics[0]], fed.metrics[task.metrics[0]]
-        q["hydra-fed"] = {"ratio": round((f / b) if task.higher_is_better else (b / f), 4), "low": None,
-                          "high": None, "baseline": base}
+        num, den = (f, b) if task.higher_is_better else (b, f)
+        q["hydra-fed"] = {"ratio": round(num / den, 4) if den else float("nan"), "low": None, "high": None,
+                          "baseline": base}
     md = write_results(out, task, results, info, predictions, extra=extra, ratios=q)
     print("\n" + markdown_table(task, results, q) + f"\n\nresults: {md}")
     return out
