@@ -7,6 +7,9 @@ Messages (all sent by server/server_app.py):
 - evaluate.calibrate:  the final adapter -> additive sums per adapter margin over held-out training queries
 - evaluate:            both final modules + the margin -> additive metric statistics of the unseen users
 Only shared arrays and numbers ever leave (tests/test_federation.py checks every reply).
+Privacy (PRIVACY.md): the train handler runs inside client/train_mods.py's mods, each switched on by the
+client's own settings: SecAgg+ (secagg), Flower's fixed clipping of the update (dp=user or secagg), and
+equal weights with only cost metrics in DP mode.
 
 Settings: the run config (common/settings.py), overridden by the SuperNode's node config. The client's
 private state folder is node config `state="DIR"`, else `state-root/client-<partition-id>`; a missing
@@ -20,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.logger import log
 
 from fedhydra.common import settings
@@ -28,6 +33,7 @@ from fedhydra.common.config import HydraConfig
 
 from . import trainer
 from .state import ClientState, StateError
+from .train_mods import legacy_fit_mod, public_metrics_mod
 
 NODE_KEYS = ("state", "partition-id", "num-partitions")
 
@@ -123,12 +129,38 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _reply(msg, metrics)
 
 
-def build_app(mods: list | None = None) -> ClientApp:
-    """The ClientApp; `mods` wrap every message (tests record every reply with one)."""
+def _when(test, mod):
+    """`mod` where the client's own settings pass `test`, else straight through."""
+    def conditional(msg: Message, context: Context, call_next) -> Message:
+        values = client_settings(context)
+        return mod(msg, context, call_next) if test(values) else call_next(msg, context)
+
+    conditional.__name__ = f"{getattr(mod, '__name__', 'mod')}_when_enabled"
+    return conditional
+
+
+def _metrics_mod(msg: Message, context: Context, call_next) -> Message:
+    values = client_settings(context)
+    if values["dp"] == "off" and not values["secagg"]:
+        return call_next(msg, context)
+    return public_metrics_mod(msg, context, call_next, dp=values["dp"] != "off")
+
+
+def train_mods(inner: list | None = None) -> list:
+    """The train handler's privacy mods, outermost first (client/train_mods.py). `inner` mods go between the
+    SecAgg+ adapter and the clipping: they see a Message-API train message and its clipped reply, before
+    SecAgg+ masks it (tests record what each client contributes there)."""
+    return [_when(lambda v: v["secagg"], secaggplus_mod), _when(lambda v: v["secagg"], legacy_fit_mod),
+            *(inner or []), _when(lambda v: v["dp"] == "user" or v["secagg"], fixedclipping_mod), _metrics_mod]
+
+
+def build_app(mods: list | None = None, inner_train_mods: list | None = None) -> ClientApp:
+    """The ClientApp; `mods` wrap every message (tests record every reply with one), `inner_train_mods`
+    the train handler inside the privacy mods (see train_mods)."""
     client_app = ClientApp(mods=mods or [])
     client_app.query("describe")(describe)
     client_app.query("install")(install)
-    client_app.train()(train)
+    client_app.train(mods=train_mods(inner_train_mods))(train)
     client_app.evaluate("calibrate")(calibrate)
     client_app.evaluate()(evaluate)
     return client_app

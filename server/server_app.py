@@ -6,6 +6,11 @@
    the same arrays, so Flower's mods and DP wrappers apply. Before the adapter rounds the final
    reranker is installed on the train clients (query.install): the adapter's labels come from prompts
    built with it. A checkpoint (arrays + strategy state) is written after every round.
+   Privacy (PRIVACY.md): dp=user wraps the FedAvg in Flower's accounted central-DP wrapper
+   (server/central_dp.py) and keeps the privacy ledger in the checkpoint; a round that would pass
+   dp-max-epsilon is not sent and the run ends with that status; secagg=true runs each train round
+   through Flower's SecAgg+ workflow (server/secagg.py). Every such run states its guarantee in
+   federated.json's "privacy" section (server/privacy_statement.py).
 3. Calibration (adapter-margin auto): train clients score held-out training queries with the final
    adapter and return additive sums per margin; the server picks the margin (evaluate.calibrate).
 4. Fit-and-evaluate: the final bases go to the test clients, which fit their users' heads locally and
@@ -25,6 +30,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedhydra.common import settings
 from fedhydra.common.config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
@@ -34,8 +40,10 @@ from fedhydra.common.metrics import metrics_from_stats
 from fedhydra.common.selection import pick_margin
 from fedhydra.common.tasks import get_task
 
-from . import checkpoint
-from .strategy import NodeSubset, load_state_arrays, make_strategy, state_arrays
+from . import checkpoint, secagg
+from .central_dp import UserLevelDP
+from .privacy_statement import statement
+from .strategy import FixedNodes, NodeSubset, load_state_arrays, make_strategy, state_arrays
 
 
 def _log(text: str) -> None:
@@ -94,28 +102,58 @@ def discover(grid: Grid, values: dict) -> dict[int, dict]:
     return roles
 
 
-def train_round(grid: Grid, values: dict, strategy, server_round: int, phase_round: int, module: str,
-                nodes: list[int], arrays: dict[str, np.ndarray], reranker_digest: str) -> tuple[dict, dict]:
-    """One round of `module` run by the strategy; returns (the module's new arrays, the round's record)."""
-    t0 = time.perf_counter()
-    record = _record(arrays)
-    config = ConfigRecord({"module": module, "round": server_round, "reranker-digest": reranker_digest})
-    random.seed(f"{values['seed']}:{server_round}")  # Flower samples with `random`: a resumed run samples alike
-    messages = list(strategy.configure_train(phase_round, record, config, NodeSubset(grid, nodes)))
-    replies = _exchange(grid, messages, float(values["round-timeout"]), f"round {server_round}")
-    new, _ = strategy.aggregate_train(phase_round, replies)
-    if new is None:
-        raise RuntimeError(f"round {server_round}: no train client answered")
-    metrics = [r.content["metrics"] for r in replies]
+def _round_doc(server_round: int, module: str, metrics: list, sent_to: int, nbytes: dict, t0: float,
+               note: str = "") -> dict:
+    """The round's record from its replies' metrics (per-client loss is absent in DP mode: loss None)."""
     n = sum(float(m["num-examples"]) for m in metrics)
-    total = lambda key: sum(float(m[key]) for m in metrics)  # noqa: E731
+    total = lambda key: sum(float(m.get(key, 0)) for m in metrics)  # noqa: E731
+    loss = (sum(float(m["loss"]) * float(m["num-examples"]) for m in metrics) / n
+            if metrics and all("loss" in m for m in metrics) else None)
+    doc = {"round": server_round, "module": module, "clients": len(metrics), "sent_to": sent_to, "examples": int(n),
+           "loss": loss, "llm_calls": int(total("llm-calls")), "tokens": int(total("tokens")),
+           "cache_hits": int(total("cache-hits")), "seconds": round(time.perf_counter() - t0, 2), "bytes": nbytes}
+    return doc | ({"released": False, "note": note} if note else {})
+
+
+def train_round(grid: Grid, values: dict, strategy, server_round: int, phase_round: int, module: str,
+                nodes: list[int], arrays: dict[str, np.ndarray], reranker_digest: str,
+                dp: UserLevelDP | None = None) -> tuple[dict, dict]:
+    """One round of `module` run by the strategy; returns (the module's new arrays, the round's record).
+    Under dp=user a round that released nothing returns {} (arrays unchanged, no epsilon spent); a round
+    that would pass dp-max-epsilon raises PrivacyBudgetExhausted before anything is sent."""
+    t0 = time.perf_counter()
+    config = {"module": module, "round": server_round, "reranker-digest": reranker_digest}
+    random.seed(f"{values['seed']}:{server_round}")  # Flower samples with `random`: a resumed run samples alike
+    if values["secagg"]:
+        r = secagg.train_round(grid, values, server_round, nodes, arrays, config, dp)
+        if r.arrays is None and not dp:
+            raise RuntimeError(f"round {server_round}: {r.note}")
+        return r.arrays or {}, _round_doc(server_round, module, list(r.metrics.values()), r.sampled, r.bytes, t0,
+                                          r.note)
+    record = _record(arrays)
+    if dp:  # Flower's accounted wrapper, sized for the clients this round samples (what FedAvg samples)
+        live = list(NodeSubset(grid, nodes).get_node_ids())
+        if not live:
+            raise RuntimeError(f"round {server_round}: no train client is connected")
+        sample = max(int(len(live) * strategy.fraction_train), strategy.min_train_nodes)
+        dp.check_budget(sample)
+        runner, view = dp.wrap(strategy, sample), FixedNodes(grid, live)
+    else:
+        runner, view = strategy, NodeSubset(grid, nodes)
+    messages = list(runner.configure_train(phase_round, record, ConfigRecord(config), view))
+    replies = _exchange(grid, messages, float(values["round-timeout"]), f"round {server_round}")
+    if dp:
+        new = dp.aggregate(runner, phase_round, replies)
+    else:
+        new, _ = strategy.aggregate_train(phase_round, replies)
+        if new is None:
+            raise RuntimeError(f"round {server_round}: no train client answered")
+    note = "" if new is not None else (f"skipped: {len(replies)} of {len(messages)} sampled clients answered; "
+                                       "nothing released, no epsilon spent")
     down = _nbytes(record)
-    doc = {"round": server_round, "module": module, "clients": len(replies), "sent_to": len(messages),
-           "examples": int(n), "loss": sum(float(m["loss"]) * float(m["num-examples"]) for m in metrics) / n,
-           "llm_calls": int(total("llm-calls")), "tokens": int(total("tokens")),
-           "cache_hits": int(total("cache-hits")), "seconds": round(time.perf_counter() - t0, 2),
-           "bytes": {str(r.metadata.src_node_id): {"down": down, "up": _nbytes(r.content["arrays"])} for r in replies}}
-    return _numpy(new), doc
+    nbytes = {str(r.metadata.src_node_id): {"down": down, "up": _nbytes(r.content["arrays"])} for r in replies}
+    doc = _round_doc(server_round, module, [r.content["metrics"] for r in replies], len(messages), nbytes, t0, note)
+    return ({} if new is None else _numpy(new)), doc
 
 
 def install(grid: Grid, values: dict, nodes: list[int], arrays: dict[str, np.ndarray], module: str) -> int:
@@ -159,6 +197,21 @@ def fit_and_evaluate(grid: Grid, values: dict, nodes: list[int], shared: dict[st
             "bytes_down_per_client": _nbytes(record)}
 
 
+def privacy_setup(values: dict, train_nodes: list[int]) -> UserLevelDP | None:
+    """dp=user's parameters and ledger (None otherwise), after refusing what cannot run privately."""
+    private = values["dp"] == "user" or values["secagg"]
+    if private and values["strategy"] != "fedavg":
+        raise ValueError(f"dp=user and secagg need strategy fedavg, got {values['strategy']!r}: the clipped "
+                         "updates are averaged with equal weights, as the noise and SecAgg+'s mean assume")
+    if values["secagg"]:
+        secagg.sample_size(len(train_nodes), float(values["fraction-train"]))  # refuses fewer than 2
+    dp = UserLevelDP.from_settings(values)
+    if dp and len(train_nodes) > dp.population:
+        raise ValueError(f"dp=user: {len(train_nodes)} train clients connected but the clients setting (the "
+                         f"accountant's population) is {dp.population}; set clients={len(train_nodes)}")
+    return dp
+
+
 def run(grid: Grid, values: dict) -> dict:
     """The whole federated job; returns (and writes) what OUT/federated.json holds."""
     out, cfg = Path(values["out"]), HydraConfig.from_settings(values)
@@ -173,16 +226,34 @@ def run(grid: Grid, values: dict) -> dict:
          f"strategy {values['strategy']}, {rounds} rounds per module")
     if not train_nodes:
         raise RuntimeError("no connected node holds training users")
+    dp = privacy_setup(values, train_nodes)
     fp = checkpoint.fingerprint(values)
     start, history, state = 0, [], {}
     restored = checkpoint.load(out / "checkpoint", fp) if values["resume"] else None
     if restored:
         start, shared, state, history = restored
+        if dp:  # the same ledger goes on: epsilon keeps accumulating across the restart
+            ledger = checkpoint.load_privacy(out / "checkpoint")
+            if ledger is None:
+                raise ValueError(f"the checkpoint in {out / 'checkpoint'} holds no privacy ledger to continue")
+            dp.load_state_dict(ledger)
         _log(f"resuming after round {start} of {2 * rounds}")
     else:  # seeded: every run starts from the same weights
         shared = {k: v.numpy() for k, v in shared_arrays(HydraModels.new(cfg)).items()}
+    if dp:
+        _log(f"dp=user: noise multiplier {dp.noise_multiplier:.4g} ({dp.source}), clip {dp.clip}, delta {dp.delta}, "
+             f"max epsilon {dp.max_epsilon}; spent so far {dp.epsilon:.4f} in {dp.releases} releases")
+    private = values["dp"] != "off" or values["secagg"]
     doc = {"task": task_name, "settings": values, "config": cfg.as_dict(),
            "nodes": {"train": len(train_nodes), "test": len(test_nodes)}, "rounds": history, "status": "running"}
+
+    def finish(status: str, stopped: str = "") -> dict:
+        doc["status"] = status
+        if private:
+            doc["privacy"] = statement(values, dp, history, stopped)
+        write_atomic(out / "federated.json", json.dumps(doc, indent=1) + "\n")
+        return doc
+
     for i, module in enumerate(MODULES):
         first, last = i * rounds + 1, (i + 1) * rounds
         if start >= last:
@@ -194,19 +265,26 @@ def run(grid: Grid, values: dict) -> dict:
         if module == "adapter":
             install(grid, values, train_nodes, of_module(shared, "reranker"), "reranker")
         for server_round in range(max(start + 1, first), last + 1):
-            arrays, record = train_round(grid, values, strategy, server_round, server_round - first + 1, module,
-                                         train_nodes, of_module(shared, module), reranker_digest)
+            try:
+                arrays, record = train_round(grid, values, strategy, server_round, server_round - first + 1, module,
+                                             train_nodes, of_module(shared, module), reranker_digest, dp)
+            except PrivacyBudgetExhausted as exc:  # nothing of this round was sent
+                _log(f"round {server_round} not run: {exc}")
+                return finish("privacy budget exhausted", f"before round {server_round}: {exc}")
             shared |= arrays
+            if dp:
+                record["epsilon"] = dp.epsilon
             history.append(record)
-            checkpoint.save(out / "checkpoint", server_round, shared, fp, history, state_arrays(strategy))
-            up = max(b["up"] for b in record["bytes"].values())
-            _log(f"round {server_round}/{2 * rounds} ({module}): {record['clients']} clients, loss "
-                 f"{record['loss']:.4f}, {record['seconds']:.1f} s, up {up / 1e6:.1f} MB/client")
+            checkpoint.save(out / "checkpoint", server_round, shared, fp, history, state_arrays(strategy),
+                            dp.state_dict() if dp else None)
+            up = max((b["up"] for b in record["bytes"].values()), default=0)
+            loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
+            _log(f"round {server_round}/{2 * rounds} ({module}): {record['clients']} clients, loss {loss}, "
+                 f"{record['seconds']:.1f} s, up {up / 1e6:.1f} MB/client"
+                 + (f", epsilon {dp.epsilon:.4f}" if dp else "") + (f"; {record['note']}" if "note" in record else ""))
             if values["stop-after-round"] and server_round == values["stop-after-round"] < 2 * rounds:
-                doc["status"] = f"stopped after round {server_round}"
-                write_atomic(out / "federated.json", json.dumps(doc, indent=1) + "\n")
-                _log(doc["status"] + "; continue with resume=true")
-                return doc
+                _log(f"stopped after round {server_round}; continue with resume=true")
+                return finish(f"stopped after round {server_round}")
     margin = cfg.margin
     if margin == MARGIN_AUTO:
         doc["calibration"] = calibrate(grid, values, train_nodes, of_module(shared, "adapter"))
@@ -216,9 +294,7 @@ def run(grid: Grid, values: dict) -> dict:
         sent = -1.0 if margin == MARGIN_OFF else float(margin)
         doc["evaluation"] = fit_and_evaluate(grid, values, test_nodes, shared, sent, task_name)
         _log(f"fit-and-evaluate on {doc['evaluation']['users']} unseen users: {doc['evaluation']['metrics']}")
-    doc["status"] = "done"
-    write_atomic(out / "federated.json", json.dumps(doc, indent=1) + "\n")
-    return doc
+    return finish("done")
 
 
 app = ServerApp()  # `flwr run` loads it (pyproject: [tool.flwr.app.components])

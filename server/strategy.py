@@ -3,8 +3,8 @@
 One strategy instance per module: the reranker's rounds, then the adapter's, each see only their
 module's arrays, so a stateful strategy (FedAdam's moments, FedAvgM's momentum) never mixes the two.
 `NodeSubset` lets a strategy sample among the train clients only (test clients hold unseen users and
-never train). `state_arrays` / `load_state_arrays` carry a strategy's state through a checkpoint, so a
-resumed run continues exactly.
+never train); `FixedNodes` freezes that set for a DP round. `state_arrays` / `load_state_arrays` carry a
+strategy's state through a checkpoint, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -70,6 +70,14 @@ class NodeSubset(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class FixedNodes(NodeSubset):
+    """Exactly `node_ids` (checked live by the caller just before): a DP round's sample size, which sizes its
+    noise, must not change between counting the nodes and sampling them."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._ids)
 
 
 def _inner(strategy: Strategy) -> Strategy:

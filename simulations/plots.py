@@ -31,13 +31,16 @@ def plot_rounds(rounds: list[dict], out: str | os.PathLike, title: str) -> list[
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for module, marker in (("reranker", "o"), ("adapter", "s")):
-        pts = [(r["round"], r["loss"]) for r in rounds if r["module"] == module]
+        pts = [(r["round"], r["loss"]) for r in rounds if r["module"] == module and r["loss"] is not None]
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=f"{module} train loss")
     ax.set_xlabel("round")
     ax.set_ylabel("mean client training loss")
     ax.set_title(title)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:  # a DP run's clients send no training loss
+        ax.text(0.5, 0.5, "no per-client loss leaves a DP client", ha="center", va="center", transform=ax.transAxes)
     _save(fig, out / "rounds-loss.png")
     plt.close(fig)
     paths.append(out / "rounds-loss.png")

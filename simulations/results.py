@@ -48,10 +48,11 @@ def markdown_table(task: Task, results: list[MethodResult], ratios: dict[str, di
 
 def write_results(out: Path, task: Task, results: list[MethodResult], run_info: dict,
                   predictions: dict[str, list[dict]] | None = None, extra: dict | None = None,
-                  ratios: dict[str, dict] | None = None) -> Path:
+                  ratios: dict[str, dict] | None = None, appendix: str = "") -> Path:
     """Write results.json, results.md and predictions/<method>.jsonl into `out`; returns results.md's path.
 
-    `run_info` (short facts) goes into both files; `extra` (configs, training reports) into results.json only.
+    `run_info` (short facts) goes into both files; `extra` (configs, training reports) into results.json only;
+    `appendix` (markdown, e.g. the privacy statement) ends results.md.
     """
     out = Path(out)
     methods = {r.method: asdict(r) | ({"ratio": ratios[r.method]} if ratios and r.method in ratios else {})
@@ -66,6 +67,8 @@ def write_results(out: Path, task: Task, results: list[MethodResult], run_info: 
                 f"users{' (inverted: lower MAE is better)' if not task.higher_is_better else ''}, with a 95% paired "
                 "bootstrap interval over users.")
     md = f"# {task.name} ({task.title})\n\n{info}\n\n{markdown_table(task, results, ratios)}{note}\n"
+    if appendix:
+        md += "\n" + appendix.rstrip("\n") + "\n"
     write_atomic(out / "results.md", md)
     for method, rows in (predictions or {}).items():
         write_atomic(out / "predictions" / f"{method}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

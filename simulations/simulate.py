@@ -30,6 +30,7 @@ from fedhydra.common.llm import default_cache_dir, llm_from_settings
 from fedhydra.common.partition import federated_split, load_users
 from fedhydra.common.prompts import default_style
 from fedhydra.common.tasks import Task
+from fedhydra.server.privacy_statement import markdown_lines
 
 from .compare import PROMPT_BASELINES, REFERENCES, ratios, references, run_baselines, run_method
 from .deployment import CLIENTAPP, Deployment, write_app
@@ -158,8 +159,10 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
             from .plots import plot_rounds
 
             plot_rounds(doc["rounds"], out, f"{task.name}, {len(parts)} clients")
-        else:
+        elif doc["status"].startswith("stopped after"):
             print(f"federated run {doc['status']}; rerun with --resume true to finish it", flush=True)
+        else:
+            print(f"federated run ended: {doc['status']}", flush=True)
     order = {m: i for i, m in enumerate(methods)}
     results.sort(key=lambda r: order.get(r.method, len(order)))
     info = {"data": values["data"] or "synthetic", "clients": f"{values['clients']} train + {values['test-clients']} "
@@ -184,6 +187,8 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
         num, den = (f, b) if task.higher_is_better else (b, f)
         q["hydra-fed"] = {"ratio": round(num / den, 4) if den else float("nan"), "low": None, "high": None,
                           "baseline": base}
-    md = write_results(out, task, results, info, predictions, extra=extra, ratios=q)
+    privacy = extra.get("federated", {}).get("privacy")
+    appendix = "\n".join(markdown_lines(privacy)) if privacy else ""
+    md = write_results(out, task, results, info, predictions, extra=extra, ratios=q, appendix=appendix)
     print("\n" + markdown_table(task, results, q) + f"\n\nresults: {md}")
     return out

@@ -1,23 +1,29 @@
 """Federation with the real apps, encoder and embedded LLM on Flower's simulation runtime, driven by Flower's
 own CLI (a local simulation SuperLink + `flwr run`): results beside the baselines, rounds of one module at a
 time with down = up, nothing private in any reply, and a stopped-then-resumed run ending where an
-uninterrupted one does."""
+uninterrupted one does; a user-level DP run and a SecAgg+ run (1 round per module each) clip, account, aggregate
+the plain mean and send nothing private."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from fedhydra.client.state import ClientState
+from fedhydra.client.train_mods import PUBLIC_TRAIN_METRICS
 from fedhydra.common import settings
 from fedhydra.common.config import get_config
 from fedhydra.common.hydra import HydraModels, shared_arrays
 from fedhydra.common.partition import load_users
+from fedhydra.server.central_dp import epsilon_after
+from fedhydra.server.secagg import QUANTIZATION_RANGE
 from fedhydra.simulations.simulate import simulate_command
 
 from conftest import LLM_UNAVAILABLE
@@ -29,9 +35,27 @@ pytestmark = [pytest.mark.llm, pytest.mark.skipif(bool(LLM_UNAVAILABLE), reason=
 RECORDER = '''
 import json, os
 from pathlib import Path
+
+import numpy as np
+
 from fedhydra.client.client_app import build_app
 
 FOLDER = Path({folder!r})
+INNER = {inner!r}
+
+
+def _norm(back, sent):
+    return float(np.sqrt(sum(float(((back[k].numpy().astype(np.float64) - sent[k].numpy()) ** 2).sum())
+                             for k in sent)))
+
+
+def _summary(value):
+    """Scalars as they are; bytes (SecAgg+'s keys, encrypted shares, masked vectors) by size; the rest by repr."""
+    if isinstance(value, (int, float, str, bool)):
+        return value
+    if isinstance(value, bytes) or (isinstance(value, list) and value and all(isinstance(v, bytes) for v in value)):
+        return "<bytes: " + str(len(value) if isinstance(value, bytes) else [len(v) for v in value]) + ">"
+    return repr(value)
 
 
 def record(msg, context, call_next):
@@ -44,24 +68,44 @@ def record(msg, context, call_next):
         elif kind == "MetricRecord":
             doc["metrics"][name] = dict(record.items())
         else:
-            doc["configs"][name] = {{k: v if isinstance(v, (int, float, str, bool)) else repr(v)
-                                    for k, v in record.items()}}
+            doc["configs"][name] = {{k: _summary(v) for k, v in record.items()}}
+    sent, back = msg.content.array_records.get("arrays"), reply.content.array_records.get("arrays")
+    if sent is not None and back is not None and list(sent.keys()) == list(back.keys()):
+        doc["update_norm"] = _norm(back, sent)  # what the reply moves the arrays it got by
     FOLDER.mkdir(parents=True, exist_ok=True)
     (FOLDER / (msg.metadata.message_type + "-" + msg.metadata.message_id + ".json")).write_text(json.dumps(doc))
     return reply
 
 
-app = build_app(mods=[record])
+def record_inner(msg, context, call_next):
+    """Inside the privacy mods (before SecAgg+ masks it): the arrays a client got and the clipped ones it returns."""
+    reply = call_next(msg, context)
+    if INNER:
+        folder = FOLDER / "inner"
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {{"sent|" + k.replace("/", "|"): a.numpy() for k, a in msg.content["arrays"].items()}}
+        arrays |= {{"returned|" + k.replace("/", "|"): a.numpy() for k, a in reply.content["arrays"].items()}}
+        np.savez(folder / f"{{int(msg.content['config']['round'])}}-{{context.node_id}}.npz", **arrays)
+    return reply
+
+
+app = build_app(mods=[record], inner_train_mods=[record_inner])
 '''
+SECAGG_CONFIGS = {"secaggplus_configs": {"pk1", "pk2", "dsts", "ctxts", "masked_params", "nids", "shares"},
+                  "fitres.status": {"code", "message"},
+                  "fitres.metrics": set(PUBLIC_TRAIN_METRICS) | {"loss", "accuracy", "users"}}
+DP_Z, DP_CLIP = 1.0, 0.05
 TINY = {"task": "LaMP_2M", "clients": 3, "test-clients": 1, "rounds": 2, "pseudo-queries": 1, "retrieve": 2,
         "k": 1, "candidates": 2, "train-layers": 1, "adapter-label-queries": 2, "epochs": 1, "seed": 0}
 
 
-def _simulate(out: Path, cache: Path, methods: str = "hydra-fed", record: Path | None = None, **extra) -> Path:
+def _simulate(out: Path, cache: Path, methods: str = "hydra-fed", record: Path | None = None, inner: bool = False,
+              **extra) -> Path:
     """`fedhydra simulate` on 3 train clients + 1 test client (synthetic users), tiny sizes, 2 rounds per module."""
     args = argparse.Namespace(methods=methods, parallel=2, out=str(out))
     values = settings.resolve(TINY, {"cache-dir": str(cache)}, extra)
-    kw = {"clientapp": "recorder:app", "files": {"recorder.py": RECORDER.format(folder=str(record))}} if record else {}
+    kw = {"clientapp": "recorder:app", "files": {"recorder.py": RECORDER.format(folder=str(record), inner=inner)}} \
+        if record else {}
     return simulate_command(args, values, **kw)
 
 
@@ -108,9 +152,15 @@ def test_rounds_carry_one_module_down_and_up(uninterrupted):
             assert 0 < b["up"] <= 0.2 * full and b["down"] == b["up"]
 
 
-def test_nothing_private_leaves_a_client(uninterrupted):
-    root, _ = uninterrupted
-    allowed = set(shared_arrays(HydraModels.new(get_config("cpu", train_layers=1))))
+@functools.cache
+def _shared_names() -> frozenset[str]:
+    return frozenset(shared_arrays(HydraModels.new(get_config("cpu", train_layers=1))))
+
+
+def _assert_nothing_private(root: Path, secagg: bool = False, dp: bool = False) -> list[dict]:
+    """Every reply the clients sent (recorded as it left): shared arrays, numbers, and under SecAgg+ only
+    masked arrays and the protocol's keys; no user id or private text anywhere."""
+    allowed = _shared_names()
     users = _users()
     private_texts = []
     for user in users:
@@ -125,15 +175,84 @@ def test_nothing_private_leaves_a_client(uninterrupted):
         for record in r["metrics"].values():
             for k, v in record.items():
                 assert isinstance(v, (int, float)), (k, v)  # numbers only: no text, no per-user lists
-        for record in r["configs"].values():
-            assert set(record) == {"task"}  # the describe reply names the task, nothing else
+        for name, record in r["configs"].items():
+            if secagg and r["type"] == "train":  # SecAgg+'s keys, shares and masked vectors; the fit status
+                assert name in SECAGG_CONFIGS and set(record) <= SECAGG_CONFIGS[name], (name, sorted(record))
+                if name == "fitres.metrics":
+                    assert all(isinstance(v, (int, float)) for v in record.values())
+            else:
+                assert set(record) == {"task"}  # the describe reply names the task, nothing else
         keys = json.dumps([list(rec) for part in ("arrays", "metrics", "configs") for rec in r[part].values()])
         assert not [u.id for u in users if u.id in keys]  # no user id in any key (ids may be digits)
         dump = json.dumps(r)
         # texts with a letter: a digits-only id like "1000" also occurs inside float metric values
         assert not [t for t in private_texts if len(t) > 3 and any(c.isalpha() for c in t) and t in dump]
-    assert all(r["arrays"] for r in replies if r["type"] == "train")
+    train = [r for r in replies if r["type"] == "train"]
+    if secagg:  # arrays leave only masked, inside the protocol's config record
+        assert all(not any(r["arrays"].values()) for r in train)
+    else:
+        assert all(r["arrays"] for r in train)
     assert all(not r["arrays"] for r in replies if r["type"] != "train")
+    if dp:  # per-client statistics of the data are dropped; equal weights
+        for r in train:
+            metrics = r["metrics"].get("metrics") or r["configs"].get("fitres.metrics", {})
+            assert set(metrics) <= set(PUBLIC_TRAIN_METRICS) and metrics["num-examples"] == 1, metrics
+    return replies
+
+
+def test_nothing_private_leaves_a_client(uninterrupted):
+    _assert_nothing_private(uninterrupted[0])
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """User-level central DP on the Message-API path: 1 round per module."""
+    out = tmp_path_factory.mktemp("fed-dp")
+    _simulate(out, tmp_path_factory.getbasetemp() / "fed-llm-cache", record=out / "replies", rounds=1, dp="user",
+              **{"dp-noise-multiplier": DP_Z, "dp-clip": DP_CLIP})
+    return out
+
+
+def test_a_user_level_dp_run_clips_every_update_accounts_and_sends_nothing_private(dp_run):
+    doc = _federated(dp_run)
+    assert doc["status"] == "done" and [r["clients"] for r in doc["rounds"]] == [3, 3]
+    assert [r["epsilon"] for r in doc["rounds"]] == pytest.approx([epsilon_after(DP_Z, 1e-5, k) for k in (1, 2)])
+    assert doc["privacy"]["epsilon"] == doc["rounds"][-1]["epsilon"] and doc["privacy"]["noise_multiplier"] == DP_Z
+    assert all(r["loss"] is None for r in doc["rounds"])  # no per-client loss left the clients
+    md = (dp_run / "results.md").read_text()
+    assert "## Privacy" in md and f"| 2 | {doc['privacy']['epsilon']:.4f} |" in md and "not covered" in md
+    replies = _assert_nothing_private(dp_run, dp=True)
+    train = [r for r in replies if r["type"] == "train"]
+    assert len(train) == 2 * 3 and all(r["update_norm"] <= DP_CLIP * (1 + 1e-5) for r in train)
+
+
+@pytest.fixture(scope="module")
+def secagg_run(tmp_path_factory):
+    """SecAgg+ on the train rounds, no DP: 1 round per module, every client's input to the protocol recorded."""
+    out = tmp_path_factory.mktemp("fed-secagg")
+    _simulate(out, tmp_path_factory.getbasetemp() / "fed-llm-cache", record=out / "replies", inner=True, rounds=1,
+              secagg=True)
+    return out
+
+
+def test_secagg_aggregates_the_plain_mean_within_quantization_and_sends_only_masked_arrays(secagg_run):
+    doc = _federated(secagg_run)
+    assert doc["status"] == "done" and [r["clients"] for r in doc["rounds"]] == [3, 3]
+    final = load_file(str(secagg_run / "federated" / "checkpoint" / "round-2.safetensors"))
+    step = 2 * 1.0 / QUANTIZATION_RANGE  # clipping_range = dp-clip = 1.0
+    for server_round in (1, 2):
+        files = sorted((secagg_run / "replies" / "inner").glob(f"{server_round}-*.npz"))
+        assert len(files) == 3
+        inputs = [dict(np.load(f)) for f in files]
+        names = [k[len("sent|"):] for k in inputs[0] if k.startswith("sent|")]
+        for name in names:
+            sent = inputs[0]["sent|" + name]
+            deltas = [x["returned|" + name] - x["sent|" + name] for x in inputs]
+            expected = sent + np.mean(np.stack(deltas).astype(np.float64), axis=0)
+            np.testing.assert_allclose(final[name.replace("|", "/")].numpy(), expected, rtol=0, atol=step + 1e-7)
+    assert "## Privacy" in (secagg_run / "results.md").read_text()
+    assert doc["privacy"]["secure_aggregation"] is True
+    _assert_nothing_private(secagg_run, secagg=True)
 
 
 def test_resume_after_stop_ends_where_an_uninterrupted_run_does(tmp_path, uninterrupted):
