@@ -45,8 +45,9 @@ def statement(values: dict, dp: UserLevelDP | None, rounds: list[dict], stopped:
             "accountant": ACCOUNTANT,
             "mechanism": "each client's update (returned minus received shared arrays) clipped to L2 norm C on the "
                          "client (Flower's fixedclipping_mod); Gaussian noise of std z*C/n added by the server to "
-                         "the mean of the n updates (Flower's DifferentialPrivacyClientSideFixedClipping"
-                         + (", or after SecAgg+ to the securely summed mean" if values["secagg"] else "")
+                         "the mean of the n updates ("
+                         + ("the SecAgg+ mean, which is all the server sees, noised with Flower's DP functions"
+                            if values["secagg"] else "Flower's DifferentialPrivacyClientSideFixedClipping")
                          + "); noise seeded from OS entropy, not the run seed",
             "protects": "the shared arrays released after every round: the trainable base layers and default head "
                         "of the reranker and the adapter (per-user heads never leave a client)",

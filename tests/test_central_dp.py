@@ -118,8 +118,8 @@ def test_each_client_update_leaves_clipped_to_the_norm_with_only_cost_metrics(tm
 
 
 def test_noise_is_drawn_from_os_entropy_with_the_planned_std(tmp_path):
-    doc_a, fed_a = _run(tmp_path / "a")
-    doc_b, fed_b = _run(tmp_path / "b")  # same seed, same settings, same client updates
+    _, fed_a = _run(tmp_path / "a")
+    _run(tmp_path / "b")  # same seed, same settings, same client updates
     a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
     assert all(not np.allclose(a[k], b[k]) for k in a)
     # round 2's message carries round 1's release: the mean of the clipped models plus noise of std z*C/n

@@ -98,7 +98,7 @@ def test_central_dp_noises_the_secure_mean_and_accounts_it(tmp_path):
         if r["round"]:
             assert set(r["content"].config_records["fitres.metrics"]) == {"num-examples", "llm-calls", "tokens",
                                                                           "cache-hits", "seconds"}
-    assert "securely summed mean" in doc["privacy"]["mechanism"]
+    assert "the SecAgg+ mean" in doc["privacy"]["mechanism"]
 
 
 def test_a_dropout_under_secagg_and_dp_releases_nothing(tmp_path):
