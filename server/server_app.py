@@ -107,6 +107,10 @@ def train_round(grid: Grid, values: dict, strategy, server_round: int, phase_rou
     if new is None:
         raise RuntimeError(f"round {server_round}: no train client answered")
     metrics = [r.content["metrics"] for r in replies]
+    for r, m in zip(replies, metrics):  # record-level DP (client/privacy.py): a spent client returns its arrays as sent
+        if m.get("dp-exhausted"):
+            _log(f"round {server_round}: node {r.metadata.src_node_id} has spent its record-level DP budget "
+                 f"(epsilon {float(m['dp-epsilon-spent']):.3f} at delta {float(m['dp-delta']):g}); it did not train")
     n = sum(float(m["num-examples"]) for m in metrics)
     total = lambda key: sum(float(m[key]) for m in metrics)  # noqa: E731
     down = _nbytes(record)
