@@ -124,17 +124,48 @@ def units_loss(model: HydraScorer, units: list[Unit]) -> tuple[torch.Tensor, int
     return total, correct, torch.tensor(row_unit, device=feats.device)
 
 
-def group_grad_samples(params: list[nn.Parameter], row_unit: torch.Tensor, n_units: int) -> None:
-    """Replace each parameter's per-row grad_sample by per-unit sums (zeros for a parameter no row reached,
-    e.g. the head of a user without a unit in the batch), so the DPOptimizer clips and noises per unit."""
+def _per_unit(params: list[nn.Parameter], row_unit: torch.Tensor, n_units: int) -> list[torch.Tensor]:
+    """Each parameter's per-row grad_sample summed per unit (zeros where no row reached it, e.g. the head of a
+    user without a unit in the chunk); grad_sample is cleared, so the next backward pass starts afresh."""
+    out = []
     for p in params:
         per_unit = p.new_zeros((n_units, *p.shape))
         rows = getattr(p, "grad_sample", None)
         if rows is not None:
-            if isinstance(rows, list):  # one backward pass per step, so a list would be a bug upstream
+            if isinstance(rows, list):  # cleared after every backward pass, so a list is a bug upstream
                 raise RuntimeError("per-sample gradients accumulated over several backward passes")
             per_unit.index_add_(0, row_unit, rows)
-        p.grad_sample = per_unit
+        p.grad_sample = None
+        out.append(per_unit)
+    return out
+
+
+def _chunks(units: list[Unit], max_rows: int) -> list[list[Unit]]:
+    """Whole units, at most `max_rows` rows a chunk (a larger unit alone): bounds the per-row gradient memory."""
+    out, current, rows = [], [], 0
+    for u in units:
+        if current and rows + u.rows > max_rows:
+            out.append(current)
+            current, rows = [], 0
+        current.append(u)
+        rows += u.rows
+    return out + ([current] if current else [])
+
+
+def unit_grad_samples(model: HydraScorer, units: list[Unit], params: list[nn.Parameter],
+                      max_rows: int) -> tuple[float, int]:
+    """Set every parameter's grad_sample to its per-unit gradients [len(units), ...], in the units' order, so
+    the DPOptimizer clips and noises per unit. Forward and backward run over chunks of whole units (a unit's
+    gradient is the sum of its rows', and no unit is split). Returns (sum of the units' losses, correct items)."""
+    parts, loss_sum, correct = [], 0.0, 0
+    for chunk in _chunks(units, max_rows):
+        loss, right, row_unit = units_loss(model, chunk)
+        loss.backward()
+        parts.append(_per_unit(params, row_unit, len(chunk)))
+        loss_sum, correct = loss_sum + loss.item(), correct + right
+    for i, p in enumerate(params):
+        p.grad_sample = torch.cat([part[i] for part in parts]) if parts else p.new_zeros((0, *p.shape))
+    return loss_sum, correct
 
 
 def grad_sample_hooks(model: HydraScorer) -> GradSampleHooks:
@@ -180,23 +211,22 @@ def train_record_dp(model: HydraScorer, examples: list[Example], ledger: Privacy
             "users": len({u.user_id for u in units}), "plan": plan, "delta": dp.delta}
     if dp.cap is not None and ledger.epsilon(dp.delta, plan.steps_per_round) > dp.cap + 1e-9:
         return {**base, "exhausted": True, "steps": 0, "total_steps": ledger.total_steps,
-                "epsilon": ledger.epsilon(dp.delta),
-                "item_epsilon": ledger.item_epsilon(dp.delta), "seconds": time.perf_counter() - start}
+                "epsilon": ledger.epsilon(dp.delta), "item_epsilon": ledger.item_epsilon(dp.delta),
+                "seconds": time.perf_counter() - start}
     report = _run_steps(model, units, plan, lr, head_lr, weight_decay, seed, proximal_mu, ledger, say)
-    epsilon, steps_before = ledger.epsilon(dp.delta), ledger.total_steps - plan.steps_per_round
-    if steps_before != sum(r.steps for r in ledger.rounds):
-        raise RuntimeError(f"the accountant counted {ledger.total_steps - steps_before} steps, "
-                           f"the plan has {plan.steps_per_round}")
-    ledger.record(RoundEntry(server_round, module, plan.steps_per_round, plan.sample_rate, plan.noise_multiplier,
-                             k, epsilon, 0.0))
-    ledger.rounds[-1].item_epsilon = ledger.item_epsilon(dp.delta)
+    counted = ledger.total_steps - sum(r.steps for r in ledger.rounds)
+    if counted != plan.steps_per_round:
+        raise RuntimeError(f"the accountant counted {counted} steps this round, the plan has {plan.steps_per_round}")
+    entry = RoundEntry(server_round, module, plan.steps_per_round, plan.sample_rate, plan.noise_multiplier, k,
+                       epsilon=ledger.epsilon(dp.delta), item_epsilon=0.0)
+    ledger.record(entry)
+    entry.item_epsilon = ledger.item_epsilon(dp.delta)  # over every round so far, this one included
     ledger.save()  # before the caller saves the models: spent privacy is recorded before anything uses it
     if say:
-        say(f"record-level DP {module} round {server_round}: epsilon {epsilon:.3f} for a unit, "
-            f"{ledger.rounds[-1].item_epsilon:.3f} for an item (K={k}) at delta {dp.delta:g}")
-    return {**base, **report, "exhausted": False, "steps": plan.steps_per_round,
-            "total_steps": ledger.total_steps, "epsilon": epsilon,
-            "item_epsilon": ledger.rounds[-1].item_epsilon, "seconds": time.perf_counter() - start}
+        say(f"record-level DP {module} round {server_round}: epsilon {entry.epsilon:.3f} for a unit, "
+            f"{entry.item_epsilon:.3f} for an item (K={k}) at delta {dp.delta:g}")
+    return {**base, **report, "exhausted": False, "steps": plan.steps_per_round, "total_steps": ledger.total_steps,
+            "epsilon": entry.epsilon, "item_epsilon": entry.item_epsilon, "seconds": time.perf_counter() - start}
 
 
 def _run_steps(model: HydraScorer, units: list[Unit], plan: Plan, lr: float, head_lr: float | None,
@@ -230,15 +260,11 @@ def _run_steps(model: HydraScorer, units: list[Unit], plan: Plan, lr: float, hea
             for step in range(plan.steps_per_round):
                 keep = (torch.rand(len(units), generator=sampler) < plan.sample_rate).tolist()
                 batch = [u for u, k in zip(units, keep) if k]
-                if batch:
-                    loss, right, row_unit = units_loss(model, batch)
-                    loss.backward()
-                    group_grad_samples(params, row_unit, len(batch))
-                    loss_sum, sampled = loss_sum + loss.item(), sampled + len(batch)
-                    if step >= last_epoch:
-                        correct_last, seen_last = correct_last + right, seen_last + len(batch)
-                else:  # an empty Poisson batch still releases a noised (all-noise) step
-                    group_grad_samples(params, torch.zeros(0, dtype=torch.long), 0)
+                # An empty Poisson batch still releases a noised (all-noise) step.
+                loss, right = unit_grad_samples(model, batch, params, plan.batch_size)
+                loss_sum, sampled = loss_sum + loss, sampled + len(batch)
+                if step >= last_epoch:
+                    correct_last, seen_last = correct_last + right, seen_last + len(batch)
                 _dp_step(optimizer, model, anchor, proximal_mu)
                 schedule.step()
         finally:

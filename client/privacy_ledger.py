@@ -72,7 +72,8 @@ class DPSettings:
         if self.mode != "record":
             return
         if not self.epsilon > 0 and not self.noise_multiplier > 0:
-            raise PrivacyError("dp=record needs dp-epsilon > 0 (the noise is computed from it) or dp-noise-multiplier > 0")
+            raise PrivacyError("dp=record needs dp-epsilon > 0 (the noise is computed from it) "
+                               "or dp-noise-multiplier > 0")
         if not self.clip > 0:
             raise PrivacyError(f"dp-clip must be > 0, got {self.clip}")
         if not 0 < self.delta < 1:
@@ -120,9 +121,13 @@ class Plan:
         releases = dp.rounds * len(MODULES)  # the reranker's rounds, then the adapter's (server/server_app.py)
         z = dp.noise_multiplier
         if dp.epsilon > 0:
-            z = get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta, sample_rate=rate,
-                                     steps=per_round * releases, accountant="rdp",
-                                     epsilon_tolerance=EPSILON_TOLERANCE)
+            try:
+                z = get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta, sample_rate=rate,
+                                         steps=per_round * releases, accountant="rdp",
+                                         epsilon_tolerance=EPSILON_TOLERANCE)
+            except ValueError as exc:  # Opacus: "The privacy budget is too low."
+                raise PrivacyError(f"dp-epsilon={dp.epsilon} cannot be met over {per_round * releases} steps at "
+                                   f"sample rate {rate:.3g} and dp-delta={dp.delta} ({exc})") from exc
         return cls(float(z), rate, per_round, releases, dp.epsilon, dp.delta, dp.clip, epochs, batch_size)
 
     def check(self, dp: DPSettings, epochs: int, batch_size: int, where: Path) -> None:
@@ -189,6 +194,12 @@ class PrivacyLedger:
                               "history": [list(h) for h in self.accountant.history]},
                "rounds": [asdict(r) for r in self.rounds]}
         write_atomic(self.path, json.dumps(doc, indent=1) + "\n")
+        for target in (self.path, self.path.parent):  # on disk before the round's reply: a crash must not undercount
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     @property
     def total_steps(self) -> int:
