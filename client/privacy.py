@@ -16,9 +16,10 @@ never from the run seed, which FedHydra sets publicly so runs are reproducible. 
 seed; the guarantee does not rely on it.
 
 Not covered: the fit stage of unseen users (training.fit_stage on a test client, trainer.fit_and_evaluate)
-and their answers; the adapter-margin calibration sums over held-out training queries; the label generation
-that decides which items become pseudo-queries and which are retrieved (BM25 statistics span the whole
-profile); the metrics a reply carries besides the dp-* ones (loss, accuracy, counts); and the profile text a
+and their answers; the adapter-margin calibration sums over held-out training queries; label generation as
+preprocessing that looks across units (which items become pseudo-queries; which are retrieved, as BM25's
+statistics span the whole profile; for generation tasks the reranker's positive threshold, the user's mean over
+all rows); the metrics a reply carries besides the dp-* ones (loss, accuracy, counts); and the profile text a
 remote LLM provider sees in prompts (only the embedded LLM keeps it on the device).
 """
 
