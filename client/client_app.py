@@ -32,6 +32,7 @@ from fedhydra.common import settings
 from fedhydra.common.config import HydraConfig
 
 from . import trainer
+from .privacy_ledger import DPSettings
 from .state import ClientState, StateError
 from .train_mods import legacy_fit_mod, public_metrics_mod
 
@@ -112,7 +113,8 @@ def train(msg: Message, context: Context) -> Message:
     llm = trainer.client_llm(state, values)
     arrays, metrics = trainer.train_round(state, llm, cfg, str(config["module"]), _arrays(msg),
                                           int(config["round"]), str(config.get("reranker-digest", "")),
-                                          proximal_mu=float(config.get("proximal-mu", 0.0)), say=say)
+                                          proximal_mu=float(config.get("proximal-mu", 0.0)), say=say,
+                                          privacy=DPSettings.from_settings(values))
     return _reply(msg, metrics, arrays)
 
 

@@ -9,6 +9,8 @@
       labels/<module>.json        training examples made from LLM feedback, with the key of what they
                                   depend on (config, and the reranker for adapter labels); reused while it matches
       llm-cache/                  the client's own LLM response cache (SQLite)
+      privacy.json                record-level DP ledger (client/privacy_ledger.py): the plan and the
+                                  Opacus accountant's state, so epsilon accumulates across rounds and restarts
 
 Every file is written atomically (temporary file, then rename), so a client killed at any
 moment restarts from its last complete state. A federated client, the simulation harness and
@@ -176,6 +178,10 @@ class ClientState:
     @property
     def llm_cache_dir(self) -> Path:
         return self.folder / "llm-cache"
+
+    @property
+    def privacy_ledger_path(self) -> Path:
+        return self.folder / "privacy.json"
 
     def __repr__(self) -> str:
         return f"ClientState({str(self.folder)!r}, task={self.task.name}, users={len(self.roles)})"

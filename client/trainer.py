@@ -3,6 +3,8 @@
 - train_round: load the server's arrays of one module into the client's models (its users' heads stay
   as the client saved them), train that module (base + its users' heads + the default head) on labels
   made from the users' own history, save everything locally, return the module's shared arrays.
+  With dp=record the training is DP-SGD (client/privacy.py); a client whose budget is spent returns the
+  arrays it received unchanged, and its reply says so (dp-exhausted=1).
 - install: keep a module's final shared arrays (the reranker, before the adapter rounds).
 - calibration_sums: score the held-out training queries with the final adapter; additive sums per margin.
 - fit_and_evaluate: for unseen users: load the final shared arrays, fit their heads (started from the
@@ -32,6 +34,8 @@ from fedhydra.common.metrics import metric_stats
 from fedhydra.common.pipeline import HydraPipeline
 from fedhydra.common.retrieval import Retriever
 
+from .privacy import reply_metrics, train_record_dp
+from .privacy_ledger import DPSettings, PrivacyLedger
 from .state import ClientState
 
 Say = Callable[[str], None]
@@ -92,8 +96,9 @@ def _usage(llm: LLM, before, t0: float) -> dict:
 
 def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, shared: dict, server_round: int,
                 reranker_digest: str = "", proximal_mu: float = 0.0, device: str | None = None,
-                say: Say | None = None) -> tuple[dict, dict]:
-    """One local training of `module`; returns (its shared arrays, metrics)."""
+                say: Say | None = None, privacy: DPSettings | None = None) -> tuple[dict, dict]:
+    """One local training of `module`; returns (its shared arrays, metrics). `privacy` with mode "record":
+    DP-SGD, and the metrics carry the privacy statement (privacy.reply_metrics)."""
     if module not in hydra.MODULES:
         raise ValueError(f"unknown module {module!r}; modules: {hydra.MODULES}")
     t0, before = time.perf_counter(), llm.stats.copy()
@@ -109,13 +114,26 @@ def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, sha
     if not [e for e in examples if not getattr(e, "held_out", False)]:
         raise ValueError(f"client {state.folder} made no {module} examples (users without history?)")
     model = getattr(models, module)
-    report = training.train_stage(model, examples, seed=cfg.seed * 1000 + server_round, proximal_mu=proximal_mu,
-                                  say=say, **hydra.optim_args(cfg))
+    seed, dp_metrics = cfg.seed * 1000 + server_round, {}
+    if privacy is not None and privacy.mode == "record":
+        report = train_record_dp(model, examples, PrivacyLedger.load(state.privacy_ledger_path), privacy,
+                                 module=module, server_round=server_round, seed=seed, proximal_mu=proximal_mu,
+                                 say=say, **hydra.optim_args(cfg))
+        dp_metrics = reply_metrics(report)
+        if report["exhausted"]:  # nothing trained or saved; weight 1 so the round's mean moves as little as possible
+            if say:
+                say(f"record-level DP budget spent (epsilon {report['epsilon']:.3f} of {privacy.cap:g}): "
+                    f"{module} round {server_round} not trained, arrays returned unchanged")
+            return dict(shared), {"num-examples": 1, "users": report["users"], "loss": 0.0, "accuracy": 0.0,
+                                  **_usage(llm, before, t0), **dp_metrics}
+    else:
+        report = training.train_stage(model, examples, seed=seed, proximal_mu=proximal_mu, say=say,
+                                      **hydra.optim_args(cfg))
     model.clear_cache()
     state.save_models(models)
     state.save_config(cfg)
     metrics = {"num-examples": report["examples"], "users": report["users"], "loss": report["loss"],
-               "accuracy": report["accuracy"], **_usage(llm, before, t0)}
+               "accuracy": report["accuracy"], **_usage(llm, before, t0), **dp_metrics}
     arrays = {k: v.numpy() for k, v in hydra.shared_arrays(models, (module,)).items()}
     return {k: arrays[k] for k in shared}, metrics  # the order the message came in (mods match arrays by position)
 
@@ -128,7 +146,8 @@ def install(state: ClientState, cfg: HydraConfig, shared: dict, device: str | No
 
 def calibration_sums(state: ClientState, llm: LLM, cfg: HydraConfig, adapter: dict, say: Say | None = None,
                      device: str | None = None) -> dict[str, float]:
-    """Additive sums per margin over the held-out training queries, with the final adapter and the users' heads."""
+    """Additive sums per margin over the held-out training queries, with the final adapter and the users' heads
+    (not noised: outside the record-level DP guarantee)."""
     models = load_models(state, cfg, device)
     hydra.load_shared_arrays(models, adapter)
     examples = module_examples(state, "adapter", "train", llm, cfg, models, say)
@@ -141,7 +160,9 @@ def calibration_sums(state: ClientState, llm: LLM, cfg: HydraConfig, adapter: di
 def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dict, margin: float | None,
                      device: str | None = None, say: Say | None = None) -> dict[str, float]:
     """Fit the unseen users' heads on their history (base frozen) and answer their queries with `margin`
-    (None: greedy). Returns additive metric statistics over the users (metrics.metric_stats) plus costs."""
+    (None: greedy). Returns additive metric statistics over the users (metrics.metric_stats) plus costs.
+    Outside every DP guarantee (dp=record covers only train rounds, client/privacy.py): the fit, the answers
+    and these statistics are computed without noise."""
     t0, before = time.perf_counter(), llm.stats.copy()
     models = load_models(state, cfg, device)
     hydra.load_shared_arrays(models, shared)

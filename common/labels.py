@@ -23,6 +23,10 @@ reach this module. A pseudo-query never retrieves the item it was made from.
 LaMP-7 profile tweets have no input. Their pseudo-input is the LLM's greedy neutral rewrite of the
 tweet (pipeline.neutral_input), which mirrors LaMP-7's real inputs (a neutral paraphrase of the
 tweet to be written in the user's style); the tweet itself is the target.
+
+Every example names its `sources`: the profile items whose content it carries (the pseudo-query's own
+item, the paired item, the items the adapter's prompt was chosen from). Record-level DP
+(client/privacy.py) counts with them how many privacy units one item enters.
 """
 
 from __future__ import annotations
@@ -76,6 +80,12 @@ def _retrieved(retriever: Retriever, user: User, pq: PseudoQuery, m: int) -> lis
     return retriever.top(user, pq.content, m, exclude_ids=exclude)
 
 
+def _sources(pq: PseudoQuery, items: list[dict]) -> list[str]:
+    """The ids of the profile items an example of `pq` carries: its own item (none for a real query) and `items`."""
+    own = [] if pq.item_id is None else [pq.item_id]
+    return list(dict.fromkeys(own + [str(i["id"]) for i in items]))
+
+
 def reranker_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs: list[PseudoQuery],
                       cfg: HydraConfig) -> list[ScoredExample]:
     """One example per (pseudo-query, retrieved item), labelled by the 1-shot answer it leads to."""
@@ -92,7 +102,8 @@ def reranker_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pq
     if task.kind == "generation" and rows:
         mean = fmean(float(r[2]) for r in rows)  # the user's mean over all their rows (HYDRA.md §1.3)
         rows = [(pq, item, float(s) > mean) for pq, item, s in rows]
-    return [ScoredExample(user.id, pq.content, task.item_text(item), int(bool(good))) for pq, item, good in rows]
+    return [ScoredExample(user.id, pq.content, task.item_text(item), int(bool(good)), _sources(pq, [item]))
+            for pq, item, good in rows]
 
 
 def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs: list[PseudoQuery],
@@ -100,24 +111,26 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
     """Candidates for each pseudo-query from the prompt with the reranker's top-k items, labelled per `adapter-labels`."""
     out: list = []
     for pq in pqs:
-        items = rerank(reranker, user.id, task, pq.content, _retrieved(retriever, user, pq, cfg.retrieve), cfg.k)
+        retrieved = _retrieved(retriever, user, pq, cfg.retrieve)
+        items = rerank(reranker, user.id, task, pq.content, retrieved, cfg.k)
         messages = messages_for(task, llm, pq.input, items, cfg.style_or_none, cfg.seed)
         candidates = sample_candidates(task, llm, messages, cfg.candidates, cfg.seed, cfg.temperature)
         graded = selection.grades(task, candidates, pq.target)
+        src = _sources(pq, retrieved)  # all M: the reranker chose the prompt's k among them
         if cfg.adapter_labels == "graded":
             held_out = pq.item_id is None and cfg.margin == MARGIN_AUTO
             out.append(CandidateGroup(user.id, pq.content, candidates, graded,
-                                      selection.candidate_features(task, pq.content, candidates), held_out))
+                                      selection.candidate_features(task, pq.content, candidates), held_out, src))
             continue
         unique = list(dict.fromkeys(candidates))
         if task.kind != "generation":
-            out += [ScoredExample(user.id, pq.content, c, int(is_correct(task, c, pq.target))) for c in unique]
+            out += [ScoredExample(user.id, pq.content, c, int(is_correct(task, c, pq.target)), src) for c in unique]
         elif cfg.adapter_labels == "gold":
-            out += [ScoredExample(user.id, pq.content, c, 0) for c in unique if c != pq.target.strip()]
-            out.append(ScoredExample(user.id, pq.content, pq.target.strip(), 1))
+            out += [ScoredExample(user.id, pq.content, c, 0, src) for c in unique if c != pq.target.strip()]
+            out.append(ScoredExample(user.id, pq.content, pq.target.strip(), 1, src))
         else:
             mean = fmean(graded)
-            out += [ScoredExample(user.id, pq.content, c, int(g > mean)) for c, g in zip(candidates, graded)]
+            out += [ScoredExample(user.id, pq.content, c, int(g > mean), src) for c, g in zip(candidates, graded)]
     return out + label_set_examples(task, user, cfg)
 
 
@@ -132,17 +145,18 @@ def label_set_examples(task: Task, user: User, cfg: HydraConfig) -> list:
     items = rng.sample(user.profile, min(cfg.adapter_label_queries, len(user.profile)))
     out: list = []
     for item in items:
-        query, target = task.item_text(item), task.item_answer(item)
+        query, target, src = task.item_text(item), task.item_answer(item), [str(item["id"])]
         labels = list(task.labels)
         if cfg.adapter_labels == "graded":
             graded = selection.grades(task, labels, target)
-            out.append(CandidateGroup(user.id, query, labels, graded, selection.candidate_features(task, query, labels)))
+            out.append(CandidateGroup(user.id, query, labels, graded, selection.candidate_features(task, query, labels),
+                                      sources=src))
             continue
         good = [label for label in labels if is_correct(task, label, target)]
         bad = [label for label in labels if label not in good]
         reps = max(1, len(bad) // max(1, len(good)))
-        out += [ScoredExample(user.id, query, label, 1) for label in good for _ in range(reps)]
-        out += [ScoredExample(user.id, query, label, 0) for label in bad]
+        out += [ScoredExample(user.id, query, label, 1, src) for label in good for _ in range(reps)]
+        out += [ScoredExample(user.id, query, label, 0, src) for label in bad]
     return out
 
 

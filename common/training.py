@@ -36,12 +36,15 @@ GRADE_TEMPERATURE = 0.1  # grades are metric values in [0, 1]; 0.1 makes a 0.1 b
 
 @dataclass
 class ScoredExample:
-    """One labelled (query, text) pair of a user: label 1 = positive (useful item / good answer)."""
+    """One labelled (query, text) pair of a user: label 1 = positive (useful item / good answer).
+    `sources`: ids of the profile items the pair was made from (its pseudo-query's item, the paired or
+    prompted items); empty when unknown. Record-level DP counts with them how many units an item enters."""
 
     user_id: str
     query: str
     text: str
     label: int
+    sources: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not isinstance(self.user_id, str) or not self.user_id:
@@ -51,13 +54,14 @@ class ScoredExample:
         if self.label not in (0, 1) or isinstance(self.label, float):
             raise ValueError(f"ScoredExample of user {self.user_id!r}: label must be 0 or 1, got {self.label!r}")
         self.label = int(self.label)
+        self.sources = [str(s) for s in self.sources]
 
 
 @dataclass
 class CandidateGroup:
     """One query's candidates (texts[0]: the greedy answer, when they come from the LLM), each graded by the
     task metric against the query's target; `features` are the candidates' selection.FEATURES rows.
-    `held_out` groups are never trained on: they calibrate the adapter margin."""
+    `held_out` groups are never trained on: they calibrate the adapter margin. `sources`: as ScoredExample's."""
 
     user_id: str
     query: str
@@ -65,6 +69,7 @@ class CandidateGroup:
     grades: list[float]
     features: list[list[float]] = field(default_factory=list)
     held_out: bool = False
+    sources: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not isinstance(self.user_id, str) or not self.user_id:
@@ -75,6 +80,7 @@ class CandidateGroup:
         if self.features and len(self.features) != len(self.texts):
             raise ValueError(f"CandidateGroup of user {self.user_id!r}: features for {len(self.features)} of "
                              f"{len(self.texts)} texts")
+        self.sources = [str(s) for s in self.sources]
 
     def target(self) -> torch.Tensor:
         return torch.softmax(torch.tensor(self.grades, dtype=torch.float32) / GRADE_TEMPERATURE, dim=0)
@@ -84,7 +90,7 @@ Example = ScoredExample | CandidateGroup
 Say = Callable[[str], None]
 
 
-def _check_args(examples: list, epochs: int, batch_size: int, lrs: list[float | None]) -> None:
+def check_args(examples: list, epochs: int, batch_size: int, lrs: list[float | None]) -> None:
     if not examples:
         raise ValueError("no training examples")
     kinds = {type(e) for e in examples}
@@ -100,7 +106,7 @@ def _users_in_order(examples: list[Example]) -> list[str]:
     return list(dict.fromkeys(e.user_id for e in examples))
 
 
-def _param_groups(modules: list[nn.Module], lr: float, weight_decay: float) -> list[dict]:
+def param_groups(modules: list[nn.Module], lr: float, weight_decay: float) -> list[dict]:
     """HF Trainer's split: no weight decay on biases and normalisation weights."""
     decay, no_decay, seen = [], [], set()
     for module in modules:
@@ -115,7 +121,8 @@ def _param_groups(modules: list[nn.Module], lr: float, weight_decay: float) -> l
                         {"params": no_decay, "lr": lr, "weight_decay": 0.0}) if g["params"]]
 
 
-def _optimizer(groups: list[dict], total_steps: int):
+def adamw_linear_decay(groups: list[dict], total_steps: int):
+    """HYDRA's optimiser (AdamW, betas 0.9/0.999, eps 1e-8) and its schedule (linear decay to 0 over total_steps)."""
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total_steps))
     return opt, sched
@@ -180,7 +187,7 @@ def train_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr
     steps, epochs, seconds}; losses are means over all steps, accuracy is the user heads' on the last epoch.
     """
     examples = [e for e in examples if not getattr(e, "held_out", False)]
-    _check_args(examples, epochs, batch_size, [lr, head_lr])
+    check_args(examples, epochs, batch_size, [lr, head_lr])
     start = time.perf_counter()
     users = _users_in_order(examples)
     was_training = model.training
@@ -190,13 +197,13 @@ def train_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr
             if not model.has_user(uid):
                 model.add_user(uid, from_default=True)
         heads = [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]]
-        groups = _param_groups(model.top_layers, lr, weight_decay) + _param_groups(heads, head_lr or lr, weight_decay)
+        groups = param_groups(model.top_layers, lr, weight_decay) + param_groups(heads, head_lr or lr, weight_decay)
         params = [p for g in groups for p in g["params"]]
         anchor = [p.detach().clone() for p in model.trainable_base_parameters()] if proximal_mu else []
         order_rng = torch.Generator().manual_seed(seed)
         plan = [batches(examples, torch.randperm(len(examples), generator=order_rng).tolist(), batch_size)
                 for _ in range(epochs)]
-        opt, sched = _optimizer(groups, sum(len(p) for p in plan))
+        opt, sched = adamw_linear_decay(groups, sum(len(p) for p in plan))
         sums = {"loss": 0.0, "user_loss": 0.0, "default_loss": 0.0}
         steps = correct = 0
         model.train()
@@ -268,7 +275,7 @@ def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: 
     if init not in ("default", "random", "keep"):
         raise ValueError(f"init must be default, random or keep, got {init!r}")
     examples = [e for e in examples if not getattr(e, "held_out", False)]
-    _check_args(examples, epochs, batch_size, [lr, head_lr])
+    check_args(examples, epochs, batch_size, [lr, head_lr])
     start = time.perf_counter()
     users = _users_in_order(examples)
     before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
@@ -279,13 +286,13 @@ def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: 
                 model.add_user(uid, replace=True, from_default=init != "random")
         heads = [model.head(uid) for uid in users]
         feats = _features(model, examples, batch_size)
-        groups = _param_groups(heads, head_lr or lr, weight_decay)
+        groups = param_groups(heads, head_lr or lr, weight_decay)
         params = [p for g in groups for p in g["params"]]
         order_rng = torch.Generator().manual_seed(seed)
         index = {id(e): i for i, e in enumerate(examples)}
         plan = [batches(examples, torch.randperm(len(examples), generator=order_rng).tolist(), batch_size)
                 for _ in range(epochs)]
-        opt, sched = _optimizer(groups, sum(len(p) for p in plan))
+        opt, sched = adamw_linear_decay(groups, sum(len(p) for p in plan))
         total, steps, correct = 0.0, 0, 0
         modes = [h.training for h in heads]
         for h in heads:

@@ -150,6 +150,11 @@ def train_round(grid: Grid, values: dict, strategy, server_round: int, phase_rou
             raise RuntimeError(f"round {server_round}: no train client answered")
     note = "" if new is not None else (f"skipped: {len(replies)} of {len(messages)} sampled clients answered; "
                                        "nothing released, no epsilon spent")
+    for r in replies:  # record-level DP (client/privacy.py): a spent client returns its arrays as sent
+        m = r.content["metrics"]
+        if m.get("dp-exhausted"):
+            _log(f"round {server_round}: node {r.metadata.src_node_id} has spent its record-level DP budget "
+                 f"(epsilon {float(m['dp-epsilon-spent']):.3f} at delta {float(m['dp-delta']):g}); it did not train")
     down = _nbytes(record)
     nbytes = {str(r.metadata.src_node_id): {"down": down, "up": _nbytes(r.content["arrays"])} for r in replies}
     doc = _round_doc(server_round, module, [r.content["metrics"] for r in replies], len(messages), nbytes, t0, note)
