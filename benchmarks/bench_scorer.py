@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from fedhydra.common.scorer import HydraScorer, default_encoder_path
+from fedhydra.common.encoder import default_encoder_path
+from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.tasks import get_task
 from fedhydra.common.training import ScoredExample, train_stage
 

@@ -21,7 +21,6 @@ import torch
 from . import labels, selection, training
 from .config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
 from .llm.base import LLM
-from .pipeline import adapter_scores
 from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
@@ -105,7 +104,7 @@ def calibration_sums(task: Task, adapter: HydraScorer, examples: list) -> dict[s
     sums: dict[str, float] = {}
     for g in examples:
         if isinstance(g, training.CandidateGroup) and g.held_out:
-            scores = adapter_scores(adapter, task, g.user_id, g.query, g.texts)
+            scores = adapter.log_odds(g.user_id, g.query, g.texts, g.features if adapter.extra else None)
             sums = selection.add_sums(sums, selection.margin_sums(scores, g.grades))
     return sums
 

@@ -117,10 +117,12 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
         candidates = sample_candidates(task, llm, messages, cfg.candidates, cfg.seed, cfg.temperature)
         graded = selection.grades(task, candidates, pq.target)
         src = _sources(pq, retrieved)  # all M: the reranker chose the prompt's k among them
-        if cfg.adapter_labels == "graded":
+        if cfg.adapter_labels == "graded":  # the candidates the pipeline scores: the LLM's, then the unnamed labels
+            texts = selection.with_labels(task, candidates)
             held_out = pq.item_id is None and cfg.margin == MARGIN_AUTO
-            out.append(CandidateGroup(user.id, pq.content, candidates, graded,
-                                      selection.candidate_features(task, pq.content, candidates), held_out, src))
+            out.append(CandidateGroup(user.id, pq.content, texts, selection.grades(task, texts, pq.target),
+                                      selection.candidate_features(task, pq.content, texts, len(candidates)),
+                                      held_out, src))
             continue
         unique = list(dict.fromkeys(candidates))
         if task.kind != "generation":
@@ -149,7 +151,7 @@ def label_set_examples(task: Task, user: User, cfg: HydraConfig) -> list:
         labels = list(task.labels)
         if cfg.adapter_labels == "graded":
             graded = selection.grades(task, labels, target)
-            out.append(CandidateGroup(user.id, query, labels, graded, selection.candidate_features(task, query, labels),
+            out.append(CandidateGroup(user.id, query, labels, graded, selection.candidate_features(task, query, labels, sampled=0),
                                       sources=src))
             continue
         good = [label for label in labels if is_correct(task, label, target)]

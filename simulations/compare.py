@@ -41,8 +41,8 @@ def run_method(name: str, task: Task, users: list[User], answer: AnswerFn, llm: 
     rows = []
     for i, user in enumerate(users, 1):
         a = answer(user)
-        rows.append({"id": user.id, "prediction": a.text, "gold": user.gold,
-                     "items": [it.get("id") for it in a.items], "candidates": a.candidates, "scores": a.scores})
+        rows.append({"id": user.id, "prediction": a.text, "gold": user.gold, "items": [it.get("id") for it in a.items],
+                     "candidates": a.candidates, "scores": a.scores, "sampled": a.sampled})
         if progress and (i % 10 == 0 or i == len(users)):
             print(f"{name}: {i}/{len(users)} users", flush=True)
     used = llm.stats.minus(before)
@@ -67,6 +67,11 @@ def run_baselines(task: Task, users: list[User], methods: list[str], llm: LLM, s
         results.append(r)
         predictions[name] = rows
     return results, predictions
+
+
+def llm_candidates(rows: list[dict]) -> dict[str, list[str]]:
+    """user id -> the candidates the LLM gave a hydra method (not the labels its adapter added)."""
+    return {r["id"]: r["candidates"][:r.get("sampled") or None] for r in rows}
 
 
 def references(task: Task, users: list[User], methods: list[str], candidates_of: dict[str, list[str]]):

@@ -14,7 +14,8 @@ import signal
 import time
 from pathlib import Path
 
-from .deployment import CONNECTION, ISOLATIONS, Deployment, write_app
+from .app_folder import write_app
+from .deployment import CONNECTION, ISOLATIONS, Deployment
 from .processes import DeployError
 
 

@@ -25,7 +25,7 @@ from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever
 from fedhydra.common.tasks import Task
 
-from .compare import PROMPT_BASELINES, REFERENCES, ratios, references, run_baselines, run_method
+from .compare import PROMPT_BASELINES, REFERENCES, llm_candidates, ratios, references, run_baselines, run_method
 from .results import markdown_table, write_results
 
 
@@ -113,7 +113,7 @@ def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
         info["hydra train+fit s"] = report["wall_s"]
     if refs:
         source_rows = predictions.get("hydra") or predictions.get("hydra-adapter") or []
-        r, p = references(task, test_users, refs, {row["id"]: row["candidates"] for row in source_rows})
+        r, p = references(task, test_users, refs, llm_candidates(source_rows))
         results += r
         predictions |= p
     info["wall s"] = round(time.perf_counter() - t0, 1)

@@ -32,8 +32,9 @@ from fedhydra.common.prompts import default_style
 from fedhydra.common.tasks import Task
 from fedhydra.server.privacy_statement import markdown_lines
 
-from .compare import PROMPT_BASELINES, REFERENCES, ratios, references, run_baselines, run_method
-from .deployment import CLIENTAPP, Deployment, write_app
+from .compare import PROMPT_BASELINES, REFERENCES, llm_candidates, ratios, references, run_baselines, run_method
+from .app_folder import CLIENTAPP, write_app
+from .deployment import Deployment
 from .results import MethodResult, markdown_table, write_results
 
 FEDERATED = ("hydra", "hydra-local", "hydra-fed")
@@ -146,7 +147,7 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
         predictions["hydra-local"] = rows
     refs = [m for m in methods if m in REFERENCES]
     if refs:
-        r, p = references(task, test_users, refs, {row["id"]: row["candidates"] for row in predictions.get("hydra", [])})
+        r, p = references(task, test_users, refs, llm_candidates(predictions.get("hydra", [])))
         results += r
         predictions |= p
     if "hydra-fed" in methods:

@@ -135,7 +135,7 @@ def _alive(pids: dict[int, str]) -> set[int]:
 
 def test_supernode_killed_mid_round_does_not_stop_the_run(link, shared, tmp_path):
     from fedhydra.common import settings
-    from fedhydra.simulations.deployment import write_app
+    from fedhydra.simulations.app_folder import write_app
     from fedhydra.simulations.processes import _tree
 
     # The same partitions and folders `fedhydra deploy --clients 2 --test-clients 0 --seed 0` used above

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedhydra.common import settings
 from fedhydra.simulations.certs import ensure_node_key, ensure_server_certs
-from fedhydra.simulations.deployment import CLIENTAPP, SERVERAPP, write_app
+from fedhydra.simulations.app_folder import CLIENTAPP, SERVERAPP, write_app
 from fedhydra.simulations.processes import Proc
 
 

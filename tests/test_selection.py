@@ -71,3 +71,16 @@ def test_margin_is_picked_from_additive_sums():
     assert choice["mean"]["0.25"] == pytest.approx(0.55) and choice["margin"] == 0.25
     assert selection.pick_margin({})["margin"] == "off"
     assert selection.pick_margin(selection.margin_sums([0.0, 1.0], [0.5, 0.5]))["margin"] == "off"  # tie: greedy
+
+
+def test_closed_label_tasks_add_the_labels_the_llm_did_not_name_with_its_votes_as_a_feature():
+    sampled = ["comedy", "Comedy!", "romance"]  # the greedy answer and two samples
+    texts = selection.with_labels(MOVIES, sampled)
+    assert texts[:3] == sampled and len(texts) == 3 + len(MOVIES.labels) - 2
+    assert "comedy" not in texts[3:] and "romance" not in texts[3:] and "sci-fi" in texts[3:]
+    feats = selection.candidate_features(MOVIES, "a film", texts, sampled=3)
+    assert [f[1] for f in feats[:3]] == [0.5, 0.5, 0.0]  # agreement with the other LLM answers
+    assert all(f[1] == 0.0 and f[3] == 0.0 for f in feats[3:])  # no LLM answer names an added label
+    assert selection.with_labels(LAMP7, CANDIDATES) == CANDIDATES  # generation: the candidates as they are
+    label_set = selection.candidate_features(MOVIES, "a film", list(MOVIES.labels), sampled=0)
+    assert all(f == [0.0, 0.0, 0.0, 0.0] for f in label_set)  # a label-set query has no LLM answer at all
