@@ -68,8 +68,20 @@ def statement(values: dict, dp: UserLevelDP | None, rounds: list[dict], stopped:
                        "above does not apply to such a user",
             }
     elif values["dp"] == "record":
-        doc |= {"unit_protected": "record (DP-SGD on each client)", "server_noise": "none: the server adds no "
-                "user-level noise; each client accounts its own records and reports its epsilon"}
+        per_round = [{"round": r["round"], **r["record_dp"]} for r in rounds if "record_dp" in r]
+        doc |= {"unit_protected": "record: one pseudo-query (every training pair one profile item made as a query); "
+                "an item inside other pseudo-queries is covered by the group-privacy epsilon (item_epsilon)",
+                "neighbouring_relation": "add-or-remove-one pseudo-query of a client",
+                "sampling": "Poisson sampling of pseudo-queries on each client (OS entropy)",
+                "accountant": "Opacus RDP accountant per client, kept in the client's state folder across rounds, "
+                              "runs and restarts",
+                "mechanism": "DP-SGD with Opacus on each client (client/privacy.py): per-pseudo-query gradients "
+                             "clipped to C, Gaussian noise z*C per step",
+                "server_noise": "none: the server adds no user-level noise; each client accounts its own records "
+                                "and reports its epsilon",
+                "epsilon": max((r["epsilon"] for r in per_round), default=0.0),
+                "item_epsilon": max((r["item_epsilon"] for r in per_round), default=0.0),
+                "delta": float(values["dp-delta"]), "epsilon_per_round": per_round}
     if values["secagg"]:
         doc["secagg"] = {
             "protocol": "SecAgg+ (Flower's SecAggPlusWorkflow and secaggplus_mod), honest-but-curious server",
@@ -109,6 +121,17 @@ def markdown_lines(privacy: dict) -> list[str]:
             lines.append(f"- a single user of a multi-user client: epsilon <= {b['epsilon']:.4f} ({b['why']})")
     elif "unit_protected" in privacy:
         lines += [f"- unit protected: {privacy['unit_protected']}", f"- server noise: {privacy['server_noise']}"]
+        if privacy.get("epsilon_per_round"):
+            lines += [f"- neighbouring relation: {privacy['neighbouring_relation']}",
+                      f"- sampling: {privacy['sampling']}", f"- accountant: {privacy['accountant']}",
+                      f"- mechanism: {privacy['mechanism']}",
+                      f"- epsilon spent (worst client): {privacy['epsilon']:.4f} per pseudo-query, "
+                      f"{privacy['item_epsilon']:.4f} per profile item, at delta {privacy['delta']:g}",
+                      "", "| round | epsilon (pseudo-query) | epsilon (item) | z | C | clients out of budget |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['round']} | {r['epsilon']:.4f} | {r['item_epsilon']:.4f} | {r['noise_multiplier']:.4g} "
+                      f"| {r['clip']:g} | {r['exhausted_clients']} |" for r in privacy["epsilon_per_round"]]
+            lines.append("")
     if "secagg" in privacy:
         s = privacy["secagg"]
         lines += [f"- secure aggregation: {s['protocol']}; hides {s['hides']}; visible: {s['visible']}; "

@@ -112,6 +112,13 @@ def _round_doc(server_round: int, module: str, metrics: list, sent_to: int, nbyt
     doc = {"round": server_round, "module": module, "clients": len(metrics), "sent_to": sent_to, "examples": int(n),
            "loss": loss, "llm_calls": int(total("llm-calls")), "tokens": int(total("tokens")),
            "cache_hits": int(total("cache-hits")), "seconds": round(time.perf_counter() - t0, 2), "bytes": nbytes}
+    record_dp = [m for m in metrics if "dp-epsilon-spent" in m]
+    if record_dp:  # record-level DP: each client's own ledger (client/privacy.py); the round reports the worst
+        worst = lambda key: max(float(m.get(key, 0.0)) for m in record_dp)  # noqa: E731
+        doc["record_dp"] = {"epsilon": worst("dp-epsilon-spent"), "item_epsilon": worst("dp-item-epsilon"),
+                            "delta": worst("dp-delta"), "noise_multiplier": worst("dp-noise-multiplier"),
+                            "clip": worst("dp-clip"), "max_item_units": int(worst("dp-item-units")),
+                            "exhausted_clients": int(sum(float(m.get("dp-exhausted", 0)) for m in record_dp))}
     return doc | ({"released": False, "note": note} if note else {})
 
 
