@@ -52,6 +52,12 @@ def _cmd_deploy(args):
         raise ValueError(str(exc)) from exc  # one error line, no traceback
 
 
+def _cmd_privacy_sweep(args):
+    from fedhydra.simulations.privacy_sweep import sweep_command
+
+    sweep_command(args, _values(args, settings.GROUPS))
+
+
 def _cmd_demo(args):
     from fedhydra.simulations.simulate import simulate_command
 
@@ -86,13 +92,16 @@ def _cmd_llm_serve(args):
           allow_remote=args.allow_remote)
 
 
-def _federated_parser(sub, name: str, **kw) -> argparse.ArgumentParser:
+def _federated_parser(sub, name: str, methods: bool = True, skip: tuple = (), **kw) -> argparse.ArgumentParser:
     p = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-    p.add_argument("--methods", default="zero-shot,rag-4,hydra,hydra-local,hydra-fed",
-                   help="comma-separated: zero-shot, rag-K, copy-input, mbr, oracle, hydra, hydra-local, hydra-fed")
+    if methods:
+        p.add_argument("--methods", default="zero-shot,rag-4,hydra,hydra-local,hydra-fed",
+                       help="comma-separated: zero-shot, rag-K, copy-input, mbr, closest, oracle, hydra, hydra-local, "
+                            "hydra-fed")
     p.add_argument("--parallel", type=int, default=0,
                    help="clients run at once in the simulation (default: one per CPU core)")
-    settings.add_arguments(p, settings.GROUPS, skip=CENTRAL_ONLY + ("out", "state-root", "min-nodes", "node-wait"))
+    settings.add_arguments(p, settings.GROUPS,
+                           skip=CENTRAL_ONLY + ("out", "state-root", "min-nodes", "node-wait") + skip)
     return p
 
 
@@ -141,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                                         "unseen users.")
     sim.add_argument("--out", required=True, help="results folder")
     sim.set_defaults(func=_cmd_simulate)
+
+    sw = _federated_parser(sub, "privacy-sweep", methods=False, skip=("dp", "dp-epsilon", "resume"), help="the task metric against the privacy budget: one federated run "
+                           "per epsilon", description="Runs the federated pipeline (as `fedhydra simulate`) once per "
+                           "epsilon on the same clients and test users and writes sweep.md, sweep.json and sweep.png "
+                           "(hydra-fed against epsilon, with the non-private hydra-fed and rag-K as reference lines, "
+                           "and the epsilon actually spent).")
+    sw.add_argument("--epsilons", default="inf,8,4,1", help="comma-separated budgets; inf = no DP (default inf,8,4,1)")
+    sw.add_argument("--mode", choices=("user", "record"), default="user",
+                    help="user: central DP on the shared arrays; record: DP-SGD (Opacus) on each client")
+    sw.add_argument("--out", required=True, help="results folder (one sub-folder per budget)")
+    sw.set_defaults(func=_cmd_privacy_sweep)
 
     dep = sub.add_parser("deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
                          help="run FedHydra on a real Flower deployment (SuperLink + SuperNodes) on 127.0.0.1",

@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as a PNG, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
@@ -41,7 +42,7 @@ def plot_rounds(rounds: list[dict], out: str | os.PathLike, title: str) -> list[
         ax.legend()
     else:  # a DP run's clients send no training loss
         ax.text(0.5, 0.5, "no per-client loss leaves a DP client", ha="center", va="center", transform=ax.transAxes)
-    _save(fig, out / "rounds-loss.png")
+    save_figure(fig, out / "rounds-loss.png")
     plt.close(fig)
     paths.append(out / "rounds-loss.png")
 
@@ -54,7 +55,7 @@ def plot_rounds(rounds: list[dict], out: str | os.PathLike, title: str) -> list[
     ax.set_ylabel("MB per client")
     ax.set_title(title)
     ax.legend()
-    _save(fig, out / "rounds-bytes.png")
+    save_figure(fig, out / "rounds-bytes.png")
     plt.close(fig)
     paths.append(out / "rounds-bytes.png")
     return paths
