@@ -107,18 +107,24 @@ def _users_in_order(examples: list[Example]) -> list[str]:
 
 
 def param_groups(modules: list[nn.Module], lr: float, weight_decay: float) -> list[dict]:
-    """HF Trainer's split: no weight decay on biases and normalisation weights."""
-    decay, no_decay, seen = [], [], set()
+    """HF Trainer's split: no weight decay on biases and normalisation weights. A submodule with an `lr_scale`
+    (the heads' candidate-feature weights, heads.py) trains at lr x lr_scale without weight decay."""
+    decay, no_decay, scaled, seen = [], [], {}, set()
     for module in modules:
         for sub in module.modules():
             for name, p in sub.named_parameters(recurse=False):
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
+                if hasattr(sub, "lr_scale"):
+                    scaled.setdefault(float(sub.lr_scale), []).append(p)
+                    continue
                 is_norm = isinstance(sub, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(sub).__name__.lower()
                 (no_decay if name == "bias" or is_norm else decay).append(p)
-    return [g for g in ({"params": decay, "lr": lr, "weight_decay": weight_decay},
-                        {"params": no_decay, "lr": lr, "weight_decay": 0.0}) if g["params"]]
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    groups += [{"params": ps, "lr": lr * scale, "weight_decay": 0.0} for scale, ps in scaled.items()]
+    return [g for g in groups if g["params"]]
 
 
 def adamw_linear_decay(groups: list[dict], total_steps: int):

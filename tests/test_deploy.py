@@ -138,12 +138,13 @@ def test_supernode_killed_mid_round_does_not_stop_the_run(link, shared, tmp_path
     from fedhydra.simulations.app_folder import write_app
     from fedhydra.simulations.processes import _tree
 
-    # The same partitions and folders `fedhydra deploy --clients 2 --test-clients 0 --seed 0` used above
-    # (each ClientApp makes its state folder from its partition when it is missing).
+    # The partitions `fedhydra deploy --clients 2 --test-clients 0 --seed 0` used above, in fresh state folders
+    # (each ClientApp makes its own from its partition): with no cached labels or LLM answers, node-1's round-1
+    # ClientApp spends seconds on LLM calls, so the kill below lands inside the round.
     names = []
     for i in range(2):
         name = f"node-{i}"
-        link.start_supernode(name, shared["states"] / f"client-{i}", node_config={"partition-id": i,
+        link.start_supernode(name, tmp_path / "clients" / f"client-{i}", node_config={"partition-id": i,
                                                                                  "num-partitions": 2})
         names.append(name)
     link.wait_online(names)

@@ -52,6 +52,6 @@ def test_evaluate_rejects_bad_arguments_with_one_line(tmp_path):
                            (["--task", "LaMP_7"], "--task LaMP_7 but the data is LaMP_2M"),
                            (["--k", "5", "--retrieve", "3"], "k=5 must be between 1 and retrieve")):
         run = subprocess.run([FEDHYDRA, "evaluate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
-                              *extra], capture_output=True, text=True, timeout=120)
+                              "--train-users", "2", "--test-users", "2", *extra], capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
         assert not (tmp_path / "o").exists()

@@ -86,7 +86,9 @@ def test_unknown_user_is_served_by_the_default_head(llm):
     expected = adapter_scores(models.adapter, task, "__nobody__", query, answer.candidates)
     assert answer.scores == [float(s) for s in expected]
     assert answer.text == answer.candidates[selection.pick(expected, 0.0)]
-    assert len(answer.items) == cfg.k and len(answer.candidates) == cfg.candidates + 1  # greedy + B samples
+    assert len(answer.items) == cfg.k and answer.sampled == cfg.candidates + 1  # greedy + B samples
+    # then every tag the LLM did not name (a closed-label task), each once
+    assert answer.candidates == selection.with_labels(task, answer.candidates[:answer.sampled])
 
 
 def test_models_are_built_the_same_for_the_same_seed():

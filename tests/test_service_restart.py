@@ -17,6 +17,7 @@ from fedhydra.client.personalizer import Personalizer
 from fedhydra.client.service import start_server
 from fedhydra.client.service_client import PersonalizerClient, ServiceError
 from fedhydra.client.state import ClientState
+from fedhydra.common import selection
 from fedhydra.common.llm import CachedLLM, ResponseCache
 from fedhydra.common.pipeline import HydraPipeline
 from fedhydra.common.retrieval import Retriever
@@ -42,7 +43,10 @@ def test_untrained_state_is_served_with_bm25_and_greedy_then_saved_models_are_pi
             save_models(state, state.config(), [user.id])  # what the federated client does after training
             got = c.personalize(user.id, content(user))
             assert (got.reranker_head, got.adapter_head) == ("user", "user")
-            assert len(got.candidates) == 1 + TINY["candidates"] and all(x.score is not None for x in got.candidates)
+            # greedy + B samples, then the tags none of them names (a closed-label task: selection.with_labels)
+            sampled = [x.text for x in got.candidates][:1 + TINY["candidates"]]
+            assert [x.text for x in got.candidates] == selection.with_labels(state.task, sampled)
+            assert all(x.score is not None for x in got.candidates)
             status = c.status()
             assert [m["module"] for m in status["models"]] == ["reranker", "adapter"]
             assert status["model_version"] == got.model_version != "none"

@@ -162,3 +162,20 @@ def test_fit_stage_personalizes_an_unseen_user_on_a_frozen_base(model):
     fit_stage(model, pet_examples("newcomer", "dog"), epochs=8, lr=2e-5, head_lr=3e-3, batch_size=4, progress=False)
     scores = model.score("newcomer", QUERY, ["there is a cat on the roof", "there is a dog on the roof"])
     assert scores[1] > scores[0] + 0.3
+
+
+def test_feature_weights_start_at_zero_and_train_faster_without_decay():
+    from fedhydra.common.heads import FEATURE_LR_SCALE, ScoringHead
+    from fedhydra.common.training import param_groups
+
+    head = ScoringHead(8, layers=2, extra=3)
+    hidden, features = torch.randn(4, 8), torch.randn(4, 3)
+    head.eval()
+    assert torch.equal(head(hidden, features), head.out_proj(torch.tanh(head.dense(hidden))))  # no feature term yet
+    groups = param_groups([head], lr=1e-3, weight_decay=0.01)
+    scaled = [g for g in groups if any(p is head.feature_proj.weight for p in g["params"])]
+    assert len(scaled) == 1 and scaled[0]["params"] == [head.feature_proj.weight]
+    assert scaled[0]["lr"] == pytest.approx(1e-3 * FEATURE_LR_SCALE) and scaled[0]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(head.parameters()))
+    with pytest.raises(ValueError, match="3 candidate features"):
+        head(hidden, torch.randn(4, 2))
