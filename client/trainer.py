@@ -40,7 +40,7 @@ from .state import ClientState
 
 Say = Callable[[str], None]
 _BACKENDS: dict[tuple, LLM] = {}
-LABEL_FREE = ("epochs", "lr", "head_lr", "batch_size", "weight_decay", "adapter_margin")  # labels don't depend on these
+LABEL_FREE = ("epochs", "fit_epochs", "lr", "head_lr", "batch_size", "weight_decay", "adapter_margin")  # labels don't depend on these
 
 
 def client_llm(state: ClientState, values: dict) -> LLM:
@@ -174,7 +174,7 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
         model = getattr(models, module)
         examples = module_examples(state, module, "test", llm, cfg, models, say)
         if examples:  # a user too small to fit keeps the default head
-            training.fit_stage(model, examples, seed=cfg.seed, init="default", say=say, **hydra.optim_args(cfg))
+            training.fit_stage(model, examples, seed=cfg.seed, init="default", say=say, **hydra.optim_args(cfg, "fit"))
         model.clear_cache()
     state.save_models(models)
     state.save_config(replace(cfg, adapter_margin="off" if margin is None else repr(margin)))  # the service uses it

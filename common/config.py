@@ -4,7 +4,8 @@ preset's sizes filled in.
 Presets hold only sizes. `paper` keeps HYDRA's published ones (HYDRA.md §1–§3: 10 pseudo-queries
 per user, M=10 retrieved, B=8 candidates, AdamW lr 2e-5, 2 epochs, batch 64). `cpu` shrinks what
 costs LLM calls, the dominant cost on a 2-core machine without a GPU, and raises the head learning
-rate because fresh heads trained on a few dozen examples barely move at 2e-5. Every run records the
+rate and the fit stage's epochs because fresh heads trained on a few dozen examples barely move at 2e-5
+(the fit stage trains heads on features computed once, so its epochs cost little). Every run records the
 resolved config in its results.
 """
 
@@ -15,10 +16,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from . import settings
 
 PRESETS: dict[str, dict[str, settings.Value]] = {
-    "paper": {"pseudo-queries": 10, "retrieve": 10, "candidates": 8, "max-length": 256, "epochs": 2, "lr": 2e-5,
-              "head-lr": 2e-5, "batch-size": 64},
-    "cpu": {"pseudo-queries": 3, "retrieve": 6, "candidates": 6, "max-length": 128, "epochs": 3, "lr": 5e-5,
-            "head-lr": 1e-3, "batch-size": 32},
+    "paper": {"pseudo-queries": 10, "retrieve": 10, "candidates": 8, "max-length": 256, "epochs": 2, "fit-epochs": 2,
+              "lr": 2e-5, "head-lr": 2e-5, "batch-size": 64},
+    "cpu": {"pseudo-queries": 3, "retrieve": 6, "candidates": 6, "max-length": 128, "epochs": 3, "fit-epochs": 10,
+            "lr": 5e-5, "head-lr": 1e-3, "batch-size": 32},
 }
 MARGIN_OFF = "off"
 MARGIN_AUTO = "auto"
@@ -43,6 +44,7 @@ class HydraConfig:
     head_layers: int
     max_length: int
     epochs: int
+    fit_epochs: int
     lr: float
     head_lr: float
     batch_size: int

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 
-FEATURE_LR_SCALE = 30.0
+# LaMP-7, 60 train + 100 test users, cpu preset: hydra ROUGE-1 0.3774 / 0.3839 / 0.3851 at 30 / 100 / 300
+FEATURE_LR_SCALE = 100.0
 
 
 def head_key(user_id: str) -> str:

@@ -64,9 +64,10 @@ def release_memory() -> None:
         pass
 
 
-def optim_args(cfg: HydraConfig) -> dict:
-    return dict(epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
-                weight_decay=cfg.weight_decay)
+def optim_args(cfg: HydraConfig, stage: str = "train") -> dict:
+    """The optimiser arguments of the train or the fit stage (they differ in epochs only)."""
+    return dict(epochs=cfg.fit_epochs if stage == "fit" else cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr,
+                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay)
 
 
 def make_labels(task: Task, llm: LLM, retriever: Retriever, users: list[User], cfg: HydraConfig,
@@ -124,7 +125,7 @@ def fit(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hydra
     for which, model in (("reranker", models.reranker), ("adapter", models.adapter)):
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which, False, say)
         if examples:
-            report[which] = training.fit_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg))
+            report[which] = training.fit_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg, "fit"))
         model.clear_cache()
         release_memory()
     return report

@@ -68,6 +68,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("head-layers", 2, "layers of each per-user head (1 or 2)", "hydra"),
     _S("max-length", 0, "token limit of a scored (query, text) pair (0 = preset)", "hydra"),
     _S("epochs", 0, "epochs over the labels (federated: per round) (0 = preset)", "hydra"),
+    _S("fit-epochs", 0, "epochs of the fit stage, where a new user's heads learn on the frozen base (its features "
+       "are computed once, so epochs are cheap) (0 = preset)", "hydra"),
     _S("lr", 0.0, "learning rate of the shared base layers (0 = preset)", "hydra"),
     _S("head-lr", 0.0, "learning rate of the heads (0 = preset)", "hydra"),
     _S("batch-size", 0, "training batch size (0 = preset)", "hydra"),
