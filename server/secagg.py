@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .central_dp import UserLevelDP
+from .strategy import GridView
 
 ARRAY_NAMES = "array-names"  # legacy Parameters carry no names: the fit config lists them, "\n"-joined
 # Every sampled client shares its secrets with all others (fine for tens of clients); 2/3 of the shares
@@ -68,30 +69,12 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-class CountingGrid(Grid):
+class CountingGrid(GridView):
     """The run's grid, counting the bytes each node gets and sends over all of a round's SecAgg+ stages."""
 
     def __init__(self, grid: Grid):
-        self._grid, self.down, self.up = grid, {}, {}
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def set_run(self, run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self):
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self._grid.create_message(*args, **kwargs)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
+        super().__init__(grid)
+        self.down, self.up = {}, {}
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

@@ -42,15 +42,14 @@ def make_strategy(values: dict) -> Strategy:
     raise ValueError(f"unknown strategy {name!r}")
 
 
-class NodeSubset(Grid):
-    """A Grid that shows a strategy only `node_ids`; everything else goes to the real grid."""
+class GridView(Grid):
+    """A Grid that hands everything to the run's grid; subclasses change the one thing they are about."""
 
-    def __init__(self, grid: Grid, node_ids: Iterable[int]):
-        self._grid, self._ids = grid, sorted(node_ids)
+    def __init__(self, grid: Grid):
+        self._grid = grid
 
     def get_node_ids(self) -> Iterable[int]:
-        live = set(self._grid.get_node_ids())
-        return [n for n in self._ids if n in live]
+        return self._grid.get_node_ids()
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
@@ -70,6 +69,18 @@ class NodeSubset(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class NodeSubset(GridView):
+    """A Grid that shows a strategy only `node_ids`; everything else goes to the real grid."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]):
+        super().__init__(grid)
+        self._ids = sorted(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        live = set(self._grid.get_node_ids())
+        return [n for n in self._ids if n in live]
 
 
 class FixedNodes(NodeSubset):

@@ -55,10 +55,49 @@ def raw_update(node: int, server_round: int, arrays: dict[str, np.ndarray], clip
     return {k: s * (UPDATE_NORMS[node] * clip / norm) for k, s in step.items()}
 
 
-class FakeFederation(Grid):
+def enter_run(monkeypatch) -> None:
+    """Messages are made inside a run (the ServerApp process has one): give this test process one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class NodesGrid(Grid):
+    """Just enough of a Grid for a strategy: fixed node ids. Subclasses add the wire (send_and_receive)."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        return None
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError
+
+
+class FakeFederation(NodesGrid):
     """Train nodes NODES; `drop` = {round: node that never answers that round's train messages}."""
 
     def __init__(self, values: dict, drop: dict[int, int] | None = None):
+        super().__init__(NODES)
         self.values, self.drop = values, drop or {}
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config=dict(values))
                          for n in NODES}
@@ -114,25 +153,6 @@ class FakeFederation(Grid):
                 self.replies.append({"node": node, "round": rnd, "sent": sent, "content": reply.content})
             out.append(reply)
         return out
-
-    def get_node_ids(self):
-        return list(NODES)
-
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        return None
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
     # ---- what the tests read
     def train_rounds_sent(self) -> list[int]:

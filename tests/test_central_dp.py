@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
-from fake_federation import NODES, FakeFederation, norm, small_models, values_for
+from fake_federation import NODES, FakeFederation, enter_run, norm, small_models, values_for
 from fedhydra.server import checkpoint
 from fedhydra.server.central_dp import UserLevelDP, epsilon_after, noise_multiplier_for
 from fedhydra.server.privacy_statement import markdown_lines
@@ -22,12 +22,7 @@ Z = 1.3
 
 @pytest.fixture(autouse=True)
 def run_identity(monkeypatch):
-    """Messages are made inside a run (the ServerApp process has one): give this test process one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    enter_run(monkeypatch)
     small_models(monkeypatch)
 
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from fake_federation import NODES, FakeFederation, norm, small_models, values_for
+from fake_federation import NODES, FakeFederation, enter_run, norm, small_models, values_for
 from fedhydra.server.central_dp import epsilon_after
 from fedhydra.server.secagg import QUANTIZATION_RANGE
 from fedhydra.server.server_app import run
@@ -19,11 +19,7 @@ MASKED_STAGE_KEYS = {"pk1", "pk2", "dsts", "ctxts", "masked_params", "nids", "sh
 
 @pytest.fixture(autouse=True)
 def run_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    enter_run(monkeypatch)
     small_models(monkeypatch)
 
 

@@ -8,11 +8,11 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedhydra.common import settings
 from fedhydra.server import checkpoint
+from fake_federation import NodesGrid, enter_run
 from fedhydra.server.strategy import NodeSubset, load_state_arrays, make_strategy, state_arrays
 
 KEYS = ("adapter/base/w", "adapter/default-head/b")
@@ -33,50 +33,16 @@ START = arrays(0.0)
 
 @pytest.fixture(autouse=True)
 def run_identity(monkeypatch):
-    """Messages are made inside a run (the ServerApp process has one): give this test process one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    enter_run(monkeypatch)
 
 
 def replies() -> list[Message]:
     return [reply(arrays(1.0), 1), reply(arrays(5.0), 3)]
 
 
-class FakeGrid(Grid):
-    """Just enough of a Grid for a strategy's configure_train: node ids."""
-
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        return None
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
-
-
 def _aggregate(strategy, server_round=1) -> dict[str, np.ndarray]:
     list(strategy.configure_train(server_round, ArrayRecord({k: Array(v) for k, v in START.items()}),
-                                  ConfigRecord({}), FakeGrid([1, 2])))
+                                  ConfigRecord({}), NodesGrid([1, 2])))
     record, _ = strategy.aggregate_train(server_round, replies())
     return {k: a.numpy() for k, a in record.items()}
 
@@ -110,7 +76,7 @@ def test_make_strategy_reads_the_federation_settings():
 
 
 def test_sampling_is_among_train_clients_and_follows_the_seeded_round():
-    grid = NodeSubset(FakeGrid(range(1, 11)), [2, 3, 4, 5, 6, 7])  # nodes 8-10: test clients, 1: gone
+    grid = NodeSubset(NodesGrid(range(1, 11)), [2, 3, 4, 5, 6, 7])  # nodes 8-10: test clients, 1: gone
     strategy = make_strategy({**settings.defaults(), "fraction-train": 0.5})
     record = ArrayRecord({k: Array(v) for k, v in START.items()})
 
