@@ -32,15 +32,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from opacus.grad_sample import GradSampleHooks
-from opacus.optimizers import DPOptimizer
+
+from .privacy_ledger import DPSettings, Plan, PrivacyLedger, RoundEntry  # first: it imports opacus quietly
+
+from opacus.grad_sample import GradSampleHooks  # noqa: E402
+from opacus.optimizers import DPOptimizer  # noqa: E402
 from torch import nn
 
 from fedhydra.common import training
 from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
 from fedhydra.common.training import CandidateGroup, Example
 
-from .privacy_ledger import DPSettings, Plan, PrivacyLedger, RoundEntry
 
 Say = Callable[[str], None]
 

@@ -31,6 +31,7 @@ K is computed on the client's own data; it is reported in the clear and is itsel
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -38,9 +39,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
+
+# opacus.utils.module_utils calls logging.basicConfig when imported, which gives the root logger a handler;
+# Flower's logger propagates to the root, so every Flower log line would then be printed twice.
+_root_handlers = list(logging.root.handlers)
+import opacus  # noqa: E402
+logging.root.handlers[:] = _root_handlers
+
+from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.accountants.analysis import rdp as rdp_analysis  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 
 from fedhydra.common.files import write_atomic
 from fedhydra.common.hydra import MODULES

@@ -107,14 +107,17 @@ def plot_sweep(doc: dict, path: Path) -> Path:
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"hydra-fed, {doc['mode']}-level DP")
         ax.set_xscale("log")
+        ax.set_xticks([p[0] for p in pts], [f"{p[0]:g}" for p in pts])
+        ax.minorticks_off()
     styles = iter(("--", ":"))
     for name, value in doc["references"].items():
         if value is not None:
             ax.axhline(value, linestyle=next(styles), color="grey" if "rag" in name else "black", label=name)
     ax.set_xlabel("epsilon (delta as set; log scale)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{doc['task']}: {metric} against the privacy budget")
-    ax.legend()
+    users = max((r.get("users") or 0 for r in doc["rows"]), default=0)
+    ax.set_title(f"{doc['task']}: {metric} against the privacy budget ({users} test users)", fontsize="medium")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize="small", frameon=False)
     save_figure(fig, path)
     plt.close(fig)
     return path
