@@ -27,7 +27,7 @@ def write_app(folder: str | os.PathLike, values: dict, name: str = "fedhydra-run
         "# Written by fedhydra: the FedHydra Flower app, packaged by `flwr run` as a FAB.",
         "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",
         "[project]", f'name = "{name}"', 'version = "0.1.0"',
-        'description = "FedHydra: federated HYDRA personalization of a black-box LLM"',
+        'description = "FedHydra: federated HYDRA personalization of a black-box LLM"', 'license = "Apache-2.0"',
         "dependencies = []  # installed beforehand; Flower's runtime installation is disabled", "",
         "[tool.flwr.app]", 'publisher = "fedhydra"', "",
         "[tool.flwr.app.components]", f'serverapp = "{SERVERAPP}"', f'clientapp = "{clientapp}"', "",
