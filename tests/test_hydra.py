@@ -6,6 +6,8 @@ a couple of minutes on 2 cores; the behaviour under test does not depend on size
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -102,8 +104,10 @@ def test_models_are_built_the_same_for_the_same_seed():
 
 
 @pytest.mark.llm
-@pytest.mark.xfail(strict=True, reason="issue 11, open: since the graded listwise adapter with label candidates, hydra "
-                   "0.50 vs rag-4 0.67 (margin auto picks off on 4 held-out queries; margin 0: 0.50; gold labels: 0.67)")
+@pytest.mark.skipif(not os.environ.get("FEDHYDRA_KNOWN_FAILURES"), reason=(
+    "issue 11, open: since the graded listwise adapter with label candidates, hydra 0.50 vs rag-4 0.67 (margin auto "
+    "falls back to greedy on 4 held-out queries; margin 0: 0.50; gold labels: 0.67). Its 4-5 min would push the "
+    "suite past 15 min on 2 cores for a known failure; FEDHYDRA_KNOWN_FAILURES=1 runs it"))
 def test_hydra_beats_rag_on_synthetic_movie_tags(llm, one_torch_thread):
     """Issue 3: on synthetic LaMP-2M (each user privately maps a movie topic to one of 3 tags), full
     HYDRA beats rag-4 on the same test users, through the real train/fit/answer path.
