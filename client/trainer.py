@@ -40,7 +40,8 @@ from .state import ClientState
 
 Say = Callable[[str], None]
 _BACKENDS: dict[tuple, LLM] = {}
-LABEL_FREE = ("epochs", "fit_epochs", "lr", "head_lr", "batch_size", "weight_decay", "adapter_margin")  # labels don't depend on these
+# labels don't depend on these
+LABEL_FREE = ("epochs", "fit_epochs", "lr", "head_lr", "batch_size", "weight_decay", "adapter_margin")
 
 
 def client_llm(state: ClientState, values: dict) -> LLM:
