@@ -6,8 +6,8 @@ per user, M=10 retrieved, B=8 candidates, AdamW lr 2e-5, 2 epochs, batch 64). `c
 costs LLM calls, the dominant cost on a 2-core machine without a GPU, and raises the head learning
 rate because fresh heads trained on a few dozen examples barely move at 2e-5. `fit-epochs` is its own
 setting (the fit stage trains heads on features computed once, so its epochs cost little); 10 instead of 3
-changed nothing measurable on LaMP-7 (hydra 0.3764 vs 0.3774, 100 test users, feature lr scale 30), so both presets keep HYDRA's
-choice of the train stage's epochs. Every run records the resolved config in its results.
+changed nothing measurable on LaMP-7 (hydra 0.3764 vs 0.3774, 100 test users, feature lr scale 30), so
+both presets keep HYDRA's choice of the train stage's epochs. Every run records the resolved config in its results.
 """
 
 from __future__ import annotations
