@@ -293,7 +293,10 @@ def run(grid: Grid, values: dict) -> dict:
             loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
             _log(f"round {server_round}/{2 * rounds} ({module}): {record['clients']} clients, loss {loss}, "
                  f"{record['seconds']:.1f} s, up {up / 1e6:.1f} MB/client"
-                 + (f", epsilon {dp.epsilon:.4f}" if dp else "") + (f"; {record['note']}" if "note" in record else ""))
+                 + (f", epsilon {dp.epsilon:.4f}" if dp else "")
+                 + (f", worst client's epsilon {record['record_dp']['epsilon']:.4f} (item "
+                    f"{record['record_dp']['item_epsilon']:.1f})" if "record_dp" in record else "")
+                 + (f"; {record['note']}" if "note" in record else ""))
             if values["stop-after-round"] and server_round == values["stop-after-round"] < 2 * rounds:
                 _log(f"stopped after round {server_round}; continue with resume=true")
                 return finish(f"stopped after round {server_round}")
