@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "epsilon on the same clients and test users and writes sweep.md, sweep.json and sweep.png "
                            "(hydra-fed against epsilon, with the non-private hydra-fed and rag-K as reference lines, "
                            "and the epsilon actually spent).")
-    sw.add_argument("--epsilons", default="inf,8,4,1", help="comma-separated budgets; inf = no DP (default inf,8,4,1)")
+    sw.add_argument("--epsilons", default="inf,8,4,1",
+                    help="comma-separated budgets; inf = no DP, always run as the reference (default inf,8,4,1)")
     sw.add_argument("--mode", choices=("user", "record"), default="user",
                     help="user: central DP on the shared arrays; record: DP-SGD (Opacus) on each client")
     sw.add_argument("--out", required=True, help="results folder (one sub-folder per budget)")

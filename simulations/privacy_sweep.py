@@ -3,9 +3,9 @@ runs once per privacy budget on the same clients and test users; the table and t
 of `hydra-fed` against the epsilon asked for and the epsilon actually spent, with the non-private `hydra-fed`
 and the best `rag-k` on the same users as reference lines.
 
-Budgets: "inf" is the non-private run (dp off); a number is dp-epsilon for the whole planned training in
-the chosen mode (`user`: central DP on the shared arrays; `record`: DP-SGD on each client, epsilon per
-pseudo-query). Every run keeps its own folder OUT/eps-<budget>/ with its federated.json and privacy statement.
+Budgets: "inf" is the non-private run (dp off), always run (first): it is the reference line. A number is
+dp-epsilon for the whole planned training in the chosen mode (`user`: central DP on the shared arrays;
+`record`: DP-SGD on each client, epsilon per pseudo-query). Every run keeps its own folder OUT/eps-<budget>/ with its federated.json and privacy statement.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from .simulate import run_federated
 
 
 def parse_epsilons(text: str) -> list[float]:
-    """"inf,8,4,1" -> [inf, 8.0, 4.0, 1.0]; each must be inf or a positive number."""
+    """"inf,8,4,1" -> [inf, 8.0, 4.0, 1.0]; each must be inf or a positive number, given once. The non-private
+    run (inf) is added first when missing: the sweep's reference line comes from it."""
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         try:
@@ -34,10 +35,12 @@ def parse_epsilons(text: str) -> list[float]:
             raise ValueError(f"--epsilons: {part!r} is not a number or inf") from None
         if not eps > 0:
             raise ValueError(f"--epsilons: {part!r} must be positive (or inf for the non-private run)")
+        if eps in out:
+            raise ValueError(f"--epsilons: {part!r} is given twice")
         out.append(eps)
     if not out:
         raise ValueError("--epsilons is empty; give e.g. inf,8,4,1")
-    return out
+    return out if math.inf in out else [math.inf, *out]
 
 
 def _spent(doc: dict) -> tuple[float | None, float | None]:
