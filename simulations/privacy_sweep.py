@@ -5,7 +5,8 @@ and the best `rag-k` on the same users as reference lines.
 
 Budgets: "inf" is the non-private run (dp off), always run (first): it is the reference line. A number is
 dp-epsilon for the whole planned training in the chosen mode (`user`: central DP on the shared arrays;
-`record`: DP-SGD on each client, epsilon per pseudo-query). Every run keeps its own folder OUT/eps-<budget>/ with its federated.json and privacy statement.
+`record`: DP-SGD on each client, epsilon per pseudo-query). Every run keeps its own folder OUT/eps-<budget>/
+with its federated.json and privacy statement.
 """
 
 from __future__ import annotations
