@@ -113,7 +113,10 @@ def test_sigterm_keeps_every_acknowledged_append_across_a_restart(tmp_path):
     for th in threads:
         th.join(60)
     assert proc.wait(60) == 0
-    assert refused and set(refused) <= {"UNAVAILABLE"}, refused  # later calls were refused, not lost silently
+    # Later calls were refused, not lost silently: UNAVAILABLE once the server stops admitting calls; a call that
+    # races the shutdown on the wire (sent as the server closes its transports) surfaces as CANCELLED. Either way
+    # the caller gets no acknowledgement, and what it did not get acknowledged is bounded below.
+    assert refused and set(refused) <= {"UNAVAILABLE", "CANCELLED"}, refused
     stored = [i["id"] for i in ClientState(state.folder).user(uid).profile]
     assert len(acknowledged) >= 30 and set(acknowledged) <= set(stored)
     assert len(stored) == len(set(stored)) and len(stored) <= initial + len(acknowledged) + len(threads)
