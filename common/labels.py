@@ -115,7 +115,6 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
         items = rerank(reranker, user.id, task, pq.content, retrieved, cfg.k)
         messages = messages_for(task, llm, pq.input, items, cfg.style_or_none, cfg.seed)
         candidates = sample_candidates(task, llm, messages, cfg.candidates, cfg.seed, cfg.temperature)
-        graded = selection.grades(task, candidates, pq.target)
         src = _sources(pq, retrieved)  # all M: the reranker chose the prompt's k among them
         if cfg.adapter_labels == "graded":  # the candidates the pipeline scores: the LLM's, then the unnamed labels
             texts = selection.with_labels(task, candidates)
@@ -131,6 +130,7 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
             out += [ScoredExample(user.id, pq.content, c, 0, src) for c in unique if c != pq.target.strip()]
             out.append(ScoredExample(user.id, pq.content, pq.target.strip(), 1, src))
         else:
+            graded = selection.grades(task, candidates, pq.target)
             mean = fmean(graded)
             out += [ScoredExample(user.id, pq.content, c, int(g > mean), src) for c, g in zip(candidates, graded)]
     return out + label_set_examples(task, user, cfg)
@@ -151,8 +151,8 @@ def label_set_examples(task: Task, user: User, cfg: HydraConfig) -> list:
         labels = list(task.labels)
         if cfg.adapter_labels == "graded":
             graded = selection.grades(task, labels, target)
-            out.append(CandidateGroup(user.id, query, labels, graded, selection.candidate_features(task, query, labels, sampled=0),
-                                      sources=src))
+            out.append(CandidateGroup(user.id, query, labels, graded,
+                                      selection.candidate_features(task, query, labels, sampled=0), sources=src))
             continue
         good = [label for label in labels if is_correct(task, label, target)]
         bad = [label for label in labels if label not in good]
