@@ -94,15 +94,14 @@ def item_units(units: list[Unit]) -> int:
     return most
 
 
-def masked_head_logits(model: HydraScorer, features: torch.Tensor, user_ids: list[str],
-                       extra: torch.Tensor | None) -> torch.Tensor:
+def masked_head_logits(model: HydraScorer, features: torch.Tensor, user_ids: list[str]) -> torch.Tensor:
     """HydraScorer.head_logits with Opacus-friendly routing: every head of the batch runs on the whole batch
     and a one-hot mask keeps each row's own head (index_select routing gives per-sample gradients of unequal
     batch sizes, PRIVACY.md). A row of another user contributes exactly zero to a head's gradient."""
     logits = features.new_zeros(features.shape[0], 2)
     for uid in dict.fromkeys(user_ids):
         mask = torch.tensor([u == uid for u in user_ids], dtype=features.dtype, device=features.device)
-        logits = logits + mask[:, None] * model.head(uid)(features, extra)
+        logits = logits + mask[:, None] * model.head(uid)(features)
     return logits
 
 
@@ -112,9 +111,9 @@ def units_loss(model: HydraScorer, units: list[Unit]) -> tuple[torch.Tensor, int
     batch = [e for u in units for e in u.examples]
     uids, queries, texts, extra = training.rows_of(batch)
     feats = model.encode(queries, texts)
-    extra = model.extra_tensor(extra)
-    user_logits = masked_head_logits(model, feats, uids, extra)
-    default_logits = model.heads[DEFAULT_HEAD](feats, extra)
+    term = model.feature_logits(model.extra_tensor(extra), len(texts))
+    user_logits = masked_head_logits(model, feats, uids) + term
+    default_logits = model.heads[DEFAULT_HEAD](feats) + term
     total, correct, start, row_unit = feats.new_zeros(()), 0, 0, []
     for i, unit in enumerate(units):
         rows = slice(start, start + unit.rows)
@@ -172,10 +171,11 @@ def unit_grad_samples(model: HydraScorer, units: list[Unit], params: list[nn.Par
 
 
 def grad_sample_hooks(model: HydraScorer) -> GradSampleHooks:
-    """Opacus's per-sample-gradient hooks on what trains (top layers and heads), attached in place (no wrapper,
-    parameter names stay clean); the frozen part runs without autograd, so its feature cache stays valid.
+    """Opacus's per-sample-gradient hooks on what trains (top layers, feature weights, heads), attached in
+    place (no wrapper, parameter names stay clean); the frozen part runs without autograd, so its feature
+    cache stays valid.
     loss_reduction="sum": units_loss is a sum over units. Call .cleanup() when done."""
-    trainable = nn.ModuleDict({"top": nn.ModuleList(model.top_layers), "heads": model.heads})
+    trainable = nn.ModuleDict({"shared": nn.ModuleList(model.shared_modules()), "heads": model.heads})
     return GradSampleHooks(trainable, batch_first=True, loss_reduction="sum", strict=True)
 
 
@@ -245,7 +245,7 @@ def _run_steps(model: HydraScorer, units: list[Unit], plan: Plan, lr: float, hea
         for uid in users:
             if not model.has_user(uid):
                 model.add_user(uid, from_default=True)
-        heads = [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]]
+        heads = training.trained_at_head_lr(model, users)
         groups = (training.param_groups(model.top_layers, lr, weight_decay)
                   + training.param_groups(heads, head_lr or lr, weight_decay))
         params = [p for g in groups for p in g["params"]]

@@ -9,10 +9,6 @@ import torch
 from torch import nn
 
 
-# LaMP-7, 60 train + 100 test users, cpu preset: hydra ROUGE-1 0.3774 / 0.3839 / 0.3851 at 30 / 100 / 300
-FEATURE_LR_SCALE = 100.0
-
-
 def head_key(user_id: str) -> str:
     """An injective map from any user id to a valid ModuleDict key (no '.', no clash with attributes)."""
     if not isinstance(user_id, str) or not user_id:
@@ -24,37 +20,22 @@ class ScoringHead(nn.Module):
     """HYDRA's per-user head on the first-token state: dropout → Linear(H,H) → tanh → dropout → Linear(H,2).
 
     With layers=1 it is dropout → Linear(H,2). nn.Linear's default init is HYDRA's
-    (kaiming-uniform a=√5, bias uniform ±1/√fan_in). `extra` > 0 (FedHydra's adapter) adds a linear term in
-    that many candidate features (common/selection.py), `feature_proj`, started at zero: the head is the
-    encoder's judgement plus a learned weighting of the features. Those few weights must travel far (a
-    closeness weight of about 3 in logit units ranks LaMP-7 candidates like the closest-to-the-query rule),
-    which the heads' learning rate would need thousands of steps for: they learn FEATURE_LR_SCALE times faster
-    and without weight decay (training.param_groups reads `lr_scale`).
+    (kaiming-uniform a=√5, bias uniform ±1/√fan_in).
     """
 
-    def __init__(self, hidden: int, layers: int = 2, dropout: float = 0.1, extra: int = 0):
+    def __init__(self, hidden: int, layers: int = 2, dropout: float = 0.1):
         super().__init__()
         if layers not in (1, 2):
             raise ValueError(f"head_layers must be 1 or 2, got {layers}")
-        self.extra = extra
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(hidden, hidden) if layers == 2 else None
         self.out_proj = nn.Linear(hidden, 2)
-        self.feature_proj = nn.Linear(extra, 2, bias=False) if extra else None
-        if self.feature_proj is not None:
-            nn.init.zeros_(self.feature_proj.weight)
-            self.feature_proj.lr_scale = FEATURE_LR_SCALE
 
-    def forward(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.dropout(features)
         if self.dense is not None:
             x = self.dropout(torch.tanh(self.dense(x)))
-        out = self.out_proj(x)
-        if self.extra:
-            if extra is None or extra.shape != (features.shape[0], self.extra):
-                raise ValueError(f"this head needs {self.extra} candidate features per row")
-            out = out + self.feature_proj(extra.to(out.dtype))
-        return out
+        return self.out_proj(x)
 
 
 class HiddenCache:

@@ -119,8 +119,9 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
         if cfg.adapter_labels == "graded":  # the candidates the pipeline scores: the LLM's, then the unnamed labels
             texts = selection.with_labels(task, candidates)
             held_out = pq.item_id is None and cfg.margin == MARGIN_AUTO
+            history = [task.item_answer(i) for i in retrieved[:cfg.k]]  # pipeline.history_answers, as retrieved
             out.append(CandidateGroup(user.id, pq.content, texts, selection.grades(task, texts, pq.target),
-                                      selection.candidate_features(task, pq.content, texts, len(candidates)),
+                                      selection.candidate_features(task, pq.content, texts, len(candidates), history),
                                       held_out, src))
             continue
         unique = list(dict.fromkeys(candidates))
@@ -133,12 +134,13 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
             graded = selection.grades(task, candidates, pq.target)
             mean = fmean(graded)
             out += [ScoredExample(user.id, pq.content, c, int(g > mean), src) for c, g in zip(candidates, graded)]
-    return out + label_set_examples(task, user, cfg)
+    return out + label_set_examples(task, retriever, user, cfg)
 
 
-def label_set_examples(task: Task, user: User, cfg: HydraConfig) -> list:
+def label_set_examples(task: Task, retriever: Retriever, user: User, cfg: HydraConfig) -> list:
     """Classification/rating: `cfg.adapter_label_queries` profile items (seeded) scored against every
     label of the task, the item's own label the right one; no LLM call. [] for generation tasks.
+    Graded groups carry the candidate features, with the history of the item's own k BM25 neighbours.
     Graded: one CandidateGroup per item. Pointwise: the positive repeated so each query's positives weigh
     as much as its negatives (with 1 positive in 15 the heads learn "always negative")."""
     if task.kind == "generation" or not task.labels or cfg.adapter_label_queries <= 0:
@@ -150,9 +152,11 @@ def label_set_examples(task: Task, user: User, cfg: HydraConfig) -> list:
         query, target, src = task.item_text(item), task.item_answer(item), [str(item["id"])]
         labels = list(task.labels)
         if cfg.adapter_labels == "graded":
+            near = retriever.top(user, query, cfg.k, exclude_ids=(str(item["id"]),))
             graded = selection.grades(task, labels, target)
-            out.append(CandidateGroup(user.id, query, labels, graded,
-                                      selection.candidate_features(task, query, labels, sampled=0), sources=src))
+            feats = selection.candidate_features(task, query, labels, 0, [task.item_answer(i) for i in near])
+            src += [str(i["id"]) for i in near]
+            out.append(CandidateGroup(user.id, query, labels, graded, feats, sources=src))
             continue
         good = [label for label in labels if is_correct(task, label, target)]
         bad = [label for label in labels if label not in good]

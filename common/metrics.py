@@ -163,9 +163,17 @@ def _rating_pair(prediction: str, gold: str, position: int | None = None) -> tup
 
 @lru_cache(maxsize=1)
 def _rouge_scorer():
+    import logging
+
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    # The scorer logs "Using default tokenizer." through absl, which makes the root logger's first record call
+    # logging.basicConfig: a root handler that prints every Flower log line a second time.
+    handlers = list(logging.root.handlers)
+    try:
+        return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    finally:
+        logging.root.handlers[:] = handlers
 
 
 def rouge_pair(prediction: str, gold: str) -> tuple[float, float]:

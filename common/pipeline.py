@@ -70,11 +70,18 @@ def sample_candidates(task: Task, llm: LLM, messages: list[dict], n: int, seed: 
     return [c.strip() for c in greedy + samples]
 
 
+def history_answers(task: Task, retriever: Retriever, user: User, query: str, k: int,
+                    exclude_ids: tuple[str, ...] = ()) -> list[str]:
+    """The answers (tag, rating, text) of the user's k profile items BM25 retrieves for the query: the history
+    the adapter's `history` feature compares candidates with (selection.candidate_features)."""
+    return [task.item_answer(i) for i in retriever.top(user, query, k, exclude_ids=exclude_ids)]
+
+
 def adapter_scores(adapter: HydraScorer, task: Task, user_id: str, query: str, candidates: list[str],
-                   sampled: int | None = None) -> list[float]:
-    """The adapter's log-odds of each candidate, with the candidate features its heads take (candidates[:sampled]
-    are the LLM's; see selection.with_labels)."""
-    extra = selection.candidate_features(task, query, candidates, sampled) if adapter.extra else None
+                   sampled: int | None = None, history: list[str] | None = None) -> list[float]:
+    """The adapter's log-odds of each candidate, with the candidate features the scorer takes (candidates[:sampled]
+    are the LLM's; see selection.with_labels; `history`: history_answers for the query)."""
+    extra = selection.candidate_features(task, query, candidates, sampled, history or ()) if adapter.extra else None
     return adapter.log_odds(user_id, query, candidates, extra)
 
 
@@ -112,8 +119,9 @@ class HydraPipeline:
             return Answer(text=sampled[0], items=items, candidates=sampled)
         # the graded adapter also weighs the labels the LLM did not name (selection.with_labels)
         candidates = selection.with_labels(self.task, sampled) if self.adapter.extra else sampled
-        scores = adapter_scores(self.adapter, self.task, user.id, self.task.content(user.input), candidates,
-                                len(sampled))
+        query = self.task.content(user.input)
+        history = history_answers(self.task, self.retriever, user, query, self.config.k) if self.adapter.extra else []
+        scores = adapter_scores(self.adapter, self.task, user.id, query, candidates, len(sampled), history)
         best = selection.pick(scores, self.margin)
         return Answer(text=candidates[best], items=items, candidates=candidates, scores=[float(s) for s in scores],
                       sampled=len(sampled))

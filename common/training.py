@@ -108,7 +108,7 @@ def _users_in_order(examples: list[Example]) -> list[str]:
 
 def param_groups(modules: list[nn.Module], lr: float, weight_decay: float) -> list[dict]:
     """HF Trainer's split: no weight decay on biases and normalisation weights. A submodule with an `lr_scale`
-    (the heads' candidate-feature weights, heads.py) trains at lr x lr_scale without weight decay."""
+    (the scorer's candidate-feature weights, scorer.py) trains at lr x lr_scale without weight decay."""
     decay, no_decay, scaled, seen = [], [], {}, set()
     for module in modules:
         for sub in module.modules():
@@ -202,7 +202,7 @@ def train_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr
         for uid in users:
             if not model.has_user(uid):
                 model.add_user(uid, from_default=True)
-        heads = [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]]
+        heads = trained_at_head_lr(model, users)
         groups = param_groups(model.top_layers, lr, weight_decay) + param_groups(heads, head_lr or lr, weight_decay)
         params = [p for g in groups for p in g["params"]]
         anchor = [p.detach().clone() for p in model.trainable_base_parameters()] if proximal_mu else []
@@ -218,9 +218,9 @@ def train_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr
                 for batch in epoch_batches:
                     uids, queries, texts, extra = rows_of(batch)
                     feats = model.encode(queries, texts)
-                    extra = model.extra_tensor(extra)
-                    user_loss, right = batch_loss(batch, model.head_logits(feats, uids, extra))
-                    default_loss, _ = batch_loss(batch, model.heads[DEFAULT_HEAD](feats, extra))
+                    term = model.feature_logits(model.extra_tensor(extra), len(texts))
+                    user_loss, right = batch_loss(batch, model.head_logits(feats, uids) + term)
+                    default_loss, _ = batch_loss(batch, model.heads[DEFAULT_HEAD](feats) + term)
                     loss = user_loss + default_loss
                     if proximal_mu:
                         loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in
@@ -284,7 +284,7 @@ def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: 
     check_args(examples, epochs, batch_size, [lr, head_lr])
     start = time.perf_counter()
     users = _users_in_order(examples)
-    before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
+    before = {n: p.detach().clone() for n, p in base_parameters(model)}
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)
         for uid in users:
@@ -306,9 +306,11 @@ def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: 
         try:
             for epoch, epoch_batches in enumerate(plan):
                 for batch in epoch_batches:
-                    uids, _, _, extra = rows_of(batch)
+                    uids, _, texts, extra = rows_of(batch)
                     rows = torch.cat([feats[index[id(e)]] for e in batch])
-                    loss, right = batch_loss(batch, model.head_logits(rows, uids, model.extra_tensor(extra)))
+                    with torch.no_grad():  # the shared feature weights are part of the frozen base here
+                        term = model.feature_logits(model.extra_tensor(extra), len(texts))
+                    loss, right = batch_loss(batch, model.head_logits(rows, uids) + term)
                     _step(loss, params, opt, sched, max_grad_norm)
                     steps += 1
                     total += loss.detach().item()
@@ -319,11 +321,24 @@ def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: 
         finally:
             for h, m in zip(heads, modes):
                 h.train(m)
-    changed = [n for n, p in model.encoder.named_parameters() if not torch.equal(p, before[n])]
+    changed = [n for n, p in base_parameters(model) if not torch.equal(p, before[n])]
     if changed:
         raise RuntimeError(f"fit stage changed base parameters {changed[:3]}; the base must stay frozen")
     return {"loss": total / steps, "accuracy": correct / len(examples), "examples": len(examples),
             "users": len(users), "steps": steps, "epochs": epochs, "seconds": time.perf_counter() - start}
+
+
+def trained_at_head_lr(model: HydraScorer, users: list[str]) -> list[nn.Module]:
+    """What trains at the heads' learning rate in a train stage: the users' heads, the default head and the
+    shared candidate-feature weights (which scale it by their own `lr_scale`)."""
+    extra = [model.candidate_weights] if model.candidate_weights is not None else []
+    return [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]] + extra
+
+
+def base_parameters(model: HydraScorer) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter of the base, frozen or shared (the fit stage must leave them all unchanged)."""
+    extra = [("candidate_weights", model.candidate_weights.weight)] if model.candidate_weights is not None else []
+    return list(model.encoder.named_parameters()) + extra
 
 
 def _step(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer, sched, max_grad_norm: float | None) -> None:

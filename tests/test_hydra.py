@@ -135,19 +135,24 @@ def test_hydra_beats_rag_on_synthetic_movie_tags(llm, one_torch_thread):
 def test_label_set_queries_need_no_llm_graded_one_group_per_item():
     split = make_synthetic("LaMP_2M", n_users=1, seed=1)
     task, user = split.task, split.users[0]
-    groups = labels.label_set_examples(task, user, get_config("cpu", adapter_label_queries=5))  # no LLM argument
-    tags = {task.item_text(p): p["tag"] for p in user.profile}
+    cfg, retriever = get_config("cpu", adapter_label_queries=5), Retriever(task)
+    groups = labels.label_set_examples(task, retriever, user, cfg)  # no LLM argument
+    items = {task.item_text(p): p for p in user.profile}
     assert len(groups) == 5 and all(isinstance(g, CandidateGroup) for g in groups)
+    history = selection.FEATURES.index("history")
     for g in groups:
-        assert g.texts == list(task.labels) and g.grades == [float(t == tags[g.query]) for t in task.labels]
+        item = items[g.query]
+        assert g.texts == list(task.labels) and g.grades == [float(t == item["tag"]) for t in task.labels]
         assert len(g.features) == len(task.labels)
+        near = [p["tag"] for p in retriever.top(user, g.query, cfg.k, exclude_ids=(str(item["id"]),))]
+        assert [f[history] for f in g.features] == pytest.approx([near.count(t) / len(near) for t in task.labels])
 
 
 def test_label_set_queries_are_balanced_in_hydras_pointwise_recipe():
     split = make_synthetic("LaMP_2M", n_users=1, seed=1)
     task, user = split.task, split.users[0]
     cfg = get_config("cpu", adapter_label_queries=5, adapter_labels="gold")
-    examples = labels.label_set_examples(task, user, cfg)  # no LLM argument: it cannot make a call
+    examples = labels.label_set_examples(task, retriever := Retriever(task), user, cfg)  # no LLM argument
     by_query: dict[str, list] = {}
     for e in examples:
         by_query.setdefault(e.query, []).append(e)
@@ -158,9 +163,10 @@ def test_label_set_queries_are_balanced_in_hydras_pointwise_recipe():
         negatives = {e.text for e in rows if e.label == 0}
         assert set(positives) == {tags[query]} and len(positives) == len(negatives) == len(task.labels) - 1
         assert negatives == set(task.labels) - {tags[query]}
-    assert labels.label_set_examples(task, user, get_config("cpu", adapter_label_queries=0, adapter_labels="gold")) == []
+    none = get_config("cpu", adapter_label_queries=0, adapter_labels="gold")
+    assert labels.label_set_examples(task, retriever, user, none) == []
     tweets = make_synthetic("LaMP_7", n_users=1, seed=1)
-    assert labels.label_set_examples(tweets.task, tweets.users[0], cfg) == []  # generation: no label set
+    assert labels.label_set_examples(tweets.task, Retriever(tweets.task), tweets.users[0], cfg) == []  # no label set
 
 
 class _FixedLLM:

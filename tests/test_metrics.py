@@ -237,3 +237,15 @@ def test_metric_stats_summed_over_groups_equal_the_metrics_of_all(task_name, pre
     # a mean of per-group metrics would differ here, which is why statistics are summed
     mean_of_parts = sum(metrics_from_stats(task_name, p)[list(whole)[0]] for p in parts) / len(parts)
     assert mean_of_parts != pytest.approx(whole[list(whole)[0]], abs=1e-6)
+
+
+def test_rouge_leaves_the_root_logger_without_handlers():
+    """rouge-score logs through absl on its first use, which would give the root logger a handler and print
+    every Flower log line twice in each process that computes a metric."""
+    import subprocess
+    import sys
+
+    code = ("import logging\nfrom fedhydra.common.metrics import rouge_pair\nrouge_pair('a b', 'a c')\n"
+            "print(len(logging.root.handlers))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stderr

@@ -286,8 +286,9 @@ def test_labels_name_the_profile_items_each_example_carries():
     for g in groups[:len(pqs)]:
         pq = next(pq for pq in pqs if pq.content == g.query)
         assert g.sources[0] == pq.item_id and len(g.sources) == 1 + cfg.retrieve
-    for g in groups[len(pqs):]:  # label-set queries carry only their own item
-        assert g.sources == [ids[g.query]]
+    for g in groups[len(pqs):]:  # label-set queries: their own item, then the k neighbours whose labels they weigh
+        near = Retriever(task).top(user, g.query, cfg.k, exclude_ids=(ids[g.query],))
+        assert g.sources == [ids[g.query]] + [str(i["id"]) for i in near]
     assert privacy.item_units(privacy.privacy_units(groups)) >= 1
 
 

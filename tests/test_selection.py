@@ -70,7 +70,15 @@ def test_margin_is_picked_from_additive_sums():
     # margins 0 and 0.1 switch on both (0.6 + 0.1), 0.25 only on query 1 (0.6 + 0.5), 0.5 and up on neither
     assert choice["mean"]["0.25"] == pytest.approx(0.55) and choice["margin"] == 0.25
     assert selection.pick_margin({})["margin"] == "off"
-    assert selection.pick_margin(selection.margin_sums([0.0, 1.0], [0.5, 0.5]))["margin"] == "off"  # tie: greedy
+
+
+def test_margin_ties_go_to_the_adapters_own_choice_and_held_out_losses_raise_it():
+    tie = selection.margin_sums([0.0, 1.0], [0.5, 0.5])  # the adapter's pick grades like greedy
+    assert selection.pick_margin(tie)["margin"] == 0.0
+    worse = selection.margin_sums([0.0, 1.0], [0.5, 0.4])  # switching away from greedy (gap 1.0) hurt
+    assert selection.pick_margin(worse)["margin"] == 1.0  # the smallest margin that keeps greedy here
+    hurt_twice = selection.add_sums(worse, selection.margin_sums([0.0, 9.0], [0.5, 0.1]))
+    assert selection.pick_margin(hurt_twice)["margin"] == "off"  # no margin in the grid keeps greedy on both
 
 
 def test_closed_label_tasks_add_the_labels_the_llm_did_not_name_with_its_votes_as_a_feature():
@@ -83,4 +91,14 @@ def test_closed_label_tasks_add_the_labels_the_llm_did_not_name_with_its_votes_a
     assert all(f[1] == 0.0 and f[3] == 0.0 for f in feats[3:])  # no LLM answer names an added label
     assert selection.with_labels(LAMP7, CANDIDATES) == CANDIDATES  # generation: the candidates as they are
     label_set = selection.candidate_features(MOVIES, "a film", list(MOVIES.labels), sampled=0)
-    assert all(f == [0.0, 0.0, 0.0, 0.0] for f in label_set)  # a label-set query has no LLM answer at all
+    assert all(f == [0.0] * len(selection.FEATURES) for f in label_set)  # no LLM answer, no history
+
+
+def test_history_feature_is_the_share_of_the_users_retrieved_items_that_agree():
+    history = selection.FEATURES.index("history")
+    texts = ["comedy", "romance", "sci-fi"]
+    feats = selection.candidate_features(MOVIES, "a film", texts, sampled=1, history=["romance", "Romance", "comedy"])
+    assert [f[history] for f in feats] == pytest.approx([1 / 3, 2 / 3, 0.0])
+    tweets = selection.candidate_features(LAMP7, QUERY, CANDIDATES, history=[CANDIDATES[1]])
+    assert max(range(4), key=lambda j: tweets[j][history]) == 1  # generation: ROUGE mix with the user's texts
+

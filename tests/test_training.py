@@ -164,18 +164,31 @@ def test_fit_stage_personalizes_an_unseen_user_on_a_frozen_base(model):
     assert scores[1] > scores[0] + 0.3
 
 
-def test_feature_weights_start_at_zero_and_train_faster_without_decay():
-    from fedhydra.common.heads import FEATURE_LR_SCALE, ScoringHead
-    from fedhydra.common.training import param_groups
+def test_feature_weights_are_shared_start_at_zero_train_faster_and_stay_frozen_in_fit():
+    from fedhydra.common.scorer import FEATURE_LR_SCALE, FEATURE_WEIGHTS
+    from fedhydra.common.training import param_groups, trained_at_head_lr
 
-    head = ScoringHead(8, layers=2, extra=3)
-    hidden, features = torch.randn(4, 8), torch.randn(4, 3)
-    head.eval()
-    assert torch.equal(head(hidden, features), head.out_proj(torch.tanh(head.dense(hidden))))  # no feature term yet
-    groups = param_groups([head], lr=1e-3, weight_decay=0.01)
-    scaled = [g for g in groups if any(p is head.feature_proj.weight for p in g["params"])]
-    assert len(scaled) == 1 and scaled[0]["params"] == [head.feature_proj.weight]
+    torch.manual_seed(0)
+    model = HydraScorer(max_length=64, device="cpu", extra=3)
+    texts, features = ["a cat", "a dog"], [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]
+    model.eval()
+    with torch.no_grad():  # no feature term yet: the scorer starts as HYDRA's
+        plain = model.heads[DEFAULT_HEAD](model.encode([QUERY] * 2, texts))
+    assert torch.allclose(model.logits("anyone", QUERY, texts, features), plain)
+    assert FEATURE_WEIGHTS in model.shared_state()  # shared: averaged by federation, never in a user's head
+    model.add_user("u")
+    assert not any("candidate" in k for k in model.personal_state("u"))
+    groups = param_groups(trained_at_head_lr(model, ["u"]), lr=1e-3, weight_decay=0.01)
+    scaled = [g for g in groups if any(p is model.candidate_weights.weight for p in g["params"])]
+    assert len(scaled) == 1 and scaled[0]["params"] == [model.candidate_weights.weight]
     assert scaled[0]["lr"] == pytest.approx(1e-3 * FEATURE_LR_SCALE) and scaled[0]["weight_decay"] == 0.0
-    assert sum(len(g["params"]) for g in groups) == len(list(head.parameters()))
     with pytest.raises(ValueError, match="3 candidate features"):
-        head(hidden, torch.randn(4, 2))
+        model.logits("u", QUERY, texts, [[1.0, 0.0], [0.0, 1.0]])
+
+    group = CandidateGroup("v", QUERY, texts, [1.0, 0.0], features)
+    train_stage(model, [group], epochs=2, lr=1e-4, head_lr=1e-3, batch_size=8, progress=False)
+    trained = model.candidate_weights.weight.detach().clone()
+    assert trained.abs().sum() > 0  # the train stage moves them
+    fit_stage(model, [CandidateGroup("w", QUERY, texts, [0.0, 1.0], features)], epochs=3, head_lr=1e-2,
+              batch_size=8, progress=False)
+    assert torch.equal(model.candidate_weights.weight, trained)  # part of the frozen base in the fit stage
