@@ -107,23 +107,23 @@ def _users_in_order(examples: list[Example]) -> list[str]:
 
 
 def param_groups(modules: list[nn.Module], lr: float, weight_decay: float) -> list[dict]:
-    """HF Trainer's split: no weight decay on biases and normalisation weights. A submodule with an `lr_scale`
-    (the scorer's candidate-feature weights, scorer.py) trains at lr x lr_scale without weight decay."""
-    decay, no_decay, scaled, seen = [], [], {}, set()
+    """HF Trainer's split: no weight decay on biases and normalisation weights. A submodule with a `fixed_lr`
+    (the scorer's candidate-feature weights, scorer.py) trains at that learning rate without weight decay."""
+    decay, no_decay, fixed, seen = [], [], {}, set()
     for module in modules:
         for sub in module.modules():
             for name, p in sub.named_parameters(recurse=False):
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
-                if hasattr(sub, "lr_scale"):
-                    scaled.setdefault(float(sub.lr_scale), []).append(p)
+                if hasattr(sub, "fixed_lr"):
+                    fixed.setdefault(float(sub.fixed_lr), []).append(p)
                     continue
                 is_norm = isinstance(sub, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(sub).__name__.lower()
                 (no_decay if name == "bias" or is_norm else decay).append(p)
     groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
               {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
-    groups += [{"params": ps, "lr": lr * scale, "weight_decay": 0.0} for scale, ps in scaled.items()]
+    groups += [{"params": ps, "lr": own, "weight_decay": 0.0} for own, ps in fixed.items()]
     return [g for g in groups if g["params"]]
 
 
@@ -330,7 +330,7 @@ def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: 
 
 def trained_at_head_lr(model: HydraScorer, users: list[str]) -> list[nn.Module]:
     """What trains at the heads' learning rate in a train stage: the users' heads, the default head and the
-    shared candidate-feature weights (which scale it by their own `lr_scale`)."""
+    shared candidate-feature weights (at their own `fixed_lr`)."""
     extra = [model.candidate_weights] if model.candidate_weights is not None else []
     return [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]] + extra
 

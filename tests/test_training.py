@@ -164,8 +164,8 @@ def test_fit_stage_personalizes_an_unseen_user_on_a_frozen_base(model):
     assert scores[1] > scores[0] + 0.3
 
 
-def test_feature_weights_are_shared_start_at_zero_train_faster_and_stay_frozen_in_fit():
-    from fedhydra.common.scorer import FEATURE_LR_SCALE, FEATURE_WEIGHTS
+def test_feature_weights_are_shared_start_at_zero_have_their_own_lr_and_stay_frozen_in_fit():
+    from fedhydra.common.scorer import FEATURE_LR, FEATURE_WEIGHTS
     from fedhydra.common.training import param_groups, trained_at_head_lr
 
     torch.manual_seed(0)
@@ -181,7 +181,7 @@ def test_feature_weights_are_shared_start_at_zero_train_faster_and_stay_frozen_i
     groups = param_groups(trained_at_head_lr(model, ["u"]), lr=1e-3, weight_decay=0.01)
     scaled = [g for g in groups if any(p is model.candidate_weights.weight for p in g["params"])]
     assert len(scaled) == 1 and scaled[0]["params"] == [model.candidate_weights.weight]
-    assert scaled[0]["lr"] == pytest.approx(1e-3 * FEATURE_LR_SCALE) and scaled[0]["weight_decay"] == 0.0
+    assert scaled[0]["lr"] == FEATURE_LR and scaled[0]["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="3 candidate features"):
         model.logits("u", QUERY, texts, [[1.0, 0.0], [0.0, 1.0]])
 
