@@ -13,7 +13,7 @@ from fedhydra.common import hydra, labels, selection
 from fedhydra.common.config import get_config
 from fedhydra.common.data import split_users
 from fedhydra.common.hydra import HydraModels, fit, train
-from fedhydra.common.pipeline import HydraPipeline, adapter_scores
+from fedhydra.common.pipeline import HydraPipeline, adapter_scores, history_answers
 from fedhydra.common.training import CandidateGroup
 from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever
@@ -83,7 +83,8 @@ def test_unknown_user_is_served_by_the_default_head(llm):
     pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin=0.0)
     answer = pipe.answer(stranger)
     query = task.content(stranger.input)
-    expected = adapter_scores(models.adapter, task, "__nobody__", query, answer.candidates)
+    history = history_answers(task, Retriever(task), stranger, query, cfg.k)
+    expected = adapter_scores(models.adapter, task, "__nobody__", query, answer.candidates, answer.sampled, history)
     assert answer.scores == [float(s) for s in expected]
     assert answer.text == answer.candidates[selection.pick(expected, 0.0)]
     assert len(answer.items) == cfg.k and answer.sampled == cfg.candidates + 1  # greedy + B samples
