@@ -245,8 +245,8 @@ def _run_steps(model: HydraScorer, units: list[Unit], plan: Plan, lr: float, hea
         for uid in users:
             if not model.has_user(uid):
                 model.add_user(uid, from_default=True)
-        heads = training.trained_at_head_lr(model, users)
-        groups = (training.param_groups(model.top_layers, lr, weight_decay)
+        heads = [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]]
+        groups = (training.param_groups(model.shared_modules(), lr, weight_decay)
                   + training.param_groups(heads, head_lr or lr, weight_decay))
         params = [p for g in groups for p in g["params"]]
         anchor = [p.detach().clone() for p in model.trainable_base_parameters()] if proximal_mu else []

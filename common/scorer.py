@@ -157,7 +157,8 @@ class HydraScorer(nn.Module):
         """What trains in the shared base: the top encoder layers and the candidate-feature weights."""
         return self.top_layers + ([self.candidate_weights] if self.candidate_weights is not None else [])
 
-    def _shared_parameters(self) -> dict[str, nn.Parameter]:
+    def shared_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable base parameters by their shared-state name."""
         params = dict(self.encoder.named_parameters())
         out = {n: params[n] for n in self._trainable_names}
         if self.candidate_weights is not None:
@@ -165,15 +166,15 @@ class HydraScorer(nn.Module):
         return out
 
     def trainable_base_parameters(self) -> list[nn.Parameter]:
-        return list(self._shared_parameters().values())
+        return list(self.shared_parameters().values())
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """Exactly the trainable base parameters (top layers, feature weights), as detached CPU copies."""
-        return {n: p.detach().cpu().clone() for n, p in self._shared_parameters().items()}
+        return {n: p.detach().cpu().clone() for n, p in self.shared_parameters().items()}
 
     def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
         """Overwrite the trainable base parameters; heads are untouched. Keys and shapes must match exactly."""
-        params = self._shared_parameters()
+        params = self.shared_parameters()
         check_state("shared state", state, params)
         with torch.no_grad():
             for name, p in params.items():

@@ -202,8 +202,9 @@ def train_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr
         for uid in users:
             if not model.has_user(uid):
                 model.add_user(uid, from_default=True)
-        heads = trained_at_head_lr(model, users)
-        groups = param_groups(model.top_layers, lr, weight_decay) + param_groups(heads, head_lr or lr, weight_decay)
+        heads = [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]]
+        groups = (param_groups(model.shared_modules(), lr, weight_decay)
+                  + param_groups(heads, head_lr or lr, weight_decay))
         params = [p for g in groups for p in g["params"]]
         anchor = [p.detach().clone() for p in model.trainable_base_parameters()] if proximal_mu else []
         order_rng = torch.Generator().manual_seed(seed)
@@ -284,7 +285,7 @@ def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: 
     check_args(examples, epochs, batch_size, [lr, head_lr])
     start = time.perf_counter()
     users = _users_in_order(examples)
-    before = {n: p.detach().clone() for n, p in base_parameters(model)}
+    before = {n: p.detach().clone() for n, p in base_parameters(model).items()}
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)
         for uid in users:
@@ -321,24 +322,16 @@ def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: 
         finally:
             for h, m in zip(heads, modes):
                 h.train(m)
-    changed = [n for n, p in base_parameters(model) if not torch.equal(p, before[n])]
+    changed = [n for n, p in base_parameters(model).items() if not torch.equal(p, before[n])]
     if changed:
         raise RuntimeError(f"fit stage changed base parameters {changed[:3]}; the base must stay frozen")
     return {"loss": total / steps, "accuracy": correct / len(examples), "examples": len(examples),
             "users": len(users), "steps": steps, "epochs": epochs, "seconds": time.perf_counter() - start}
 
 
-def trained_at_head_lr(model: HydraScorer, users: list[str]) -> list[nn.Module]:
-    """What trains at the heads' learning rate in a train stage: the users' heads, the default head and the
-    shared candidate-feature weights (at their own `fixed_lr`)."""
-    extra = [model.candidate_weights] if model.candidate_weights is not None else []
-    return [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]] + extra
-
-
-def base_parameters(model: HydraScorer) -> list[tuple[str, torch.Tensor]]:
+def base_parameters(model: HydraScorer) -> dict[str, torch.Tensor]:
     """Every parameter of the base, frozen or shared (the fit stage must leave them all unchanged)."""
-    extra = [("candidate_weights", model.candidate_weights.weight)] if model.candidate_weights is not None else []
-    return list(model.encoder.named_parameters()) + extra
+    return dict(model.encoder.named_parameters()) | model.shared_parameters()
 
 
 def _step(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer, sched, max_grad_norm: float | None) -> None:

@@ -166,7 +166,7 @@ def test_fit_stage_personalizes_an_unseen_user_on_a_frozen_base(model):
 
 def test_feature_weights_are_shared_start_at_zero_have_their_own_lr_and_stay_frozen_in_fit():
     from fedhydra.common.scorer import FEATURE_LR, FEATURE_WEIGHTS
-    from fedhydra.common.training import param_groups, trained_at_head_lr
+    from fedhydra.common.training import param_groups
 
     torch.manual_seed(0)
     model = HydraScorer(max_length=64, device="cpu", extra=3)
@@ -178,7 +178,7 @@ def test_feature_weights_are_shared_start_at_zero_have_their_own_lr_and_stay_fro
     assert FEATURE_WEIGHTS in model.shared_state()  # shared: averaged by federation, never in a user's head
     model.add_user("u")
     assert not any("candidate" in k for k in model.personal_state("u"))
-    groups = param_groups(trained_at_head_lr(model, ["u"]), lr=1e-3, weight_decay=0.01)
+    groups = param_groups(model.shared_modules(), lr=1e-3, weight_decay=0.01)
     scaled = [g for g in groups if any(p is model.candidate_weights.weight for p in g["params"])]
     assert len(scaled) == 1 and scaled[0]["params"] == [model.candidate_weights.weight]
     assert scaled[0]["lr"] == FEATURE_LR and scaled[0]["weight_decay"] == 0.0
