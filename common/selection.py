@@ -7,7 +7,9 @@ Candidates are always the greedy answer first, then the samples (pipeline.sample
 - `candidate_features`: what the adapter sees besides the encoder state, computed without any gold:
   closeness to the query, agreement with the other candidates (the MBR utility), length relative to the
   query, whether it is the greedy answer, and agreement with the user's own history (the answers of the
-  profile items retrieved for the query: on a tagging task, how many of them carry this tag). On LaMP-7
+  profile items retrieved for the query: on a tagging task, how many of them carry this tag), and which LLM
+  answers the training-free rules pick (`closest`, `consensus` = mbr), so the learned selector contains each
+  rule as a special case and can only fall below one by what it learns wrongly. On LaMP-7
   closeness predicts a good candidate far better than the per-user signal (MEASUREMENTS.md; README "Results");
   on a classification task whose users label alike items alike, the history is the personal signal.
 - training-free rules over the same candidates: `mbr` (most agreement), `closest` (closest to the query);
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 from .metrics import is_correct, label_index, rating_value, rouge_pair
 from .tasks import Task
 
-FEATURES = ("closeness", "agreement", "length", "greedy", "history")
+FEATURES = ("closeness", "agreement", "length", "greedy", "history", "closest", "consensus")
 MARGINS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # in adapter score units (log-odds)
 RULES = ("mbr", "closest")
 
@@ -68,7 +70,8 @@ def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: in
     """One row of FEATURES per candidate. texts[0] is the greedy answer and texts[:sampled] come from the LLM (the
     rest are labels added by with_labels): agreement is the share of the *other LLM* answers that agree.
     `history`: the answers of the user's profile items retrieved for the query (pipeline.history_answers);
-    the history feature is a candidate's mean similarity to them (0 without history)."""
+    the history feature is a candidate's mean similarity to them (0 without history). `closest` and `consensus`
+    mark the LLM answer the rules of the same names pick (1 for it, 0 for every other row)."""
     n, m = len(texts), len(texts) if sampled is None else sampled
     sims = [[1.0] * n for _ in range(n)]
     for i in range(n):
@@ -83,20 +86,29 @@ def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: in
         length = math.log((_words(text) + 1) / (_words(query) + 1)) if task.kind == "generation" else 0.0
         own = sum(similarity(task, text, h) for h in history) / len(history) if history else 0.0
         rows.append([closeness, agreement, length, 1.0 if i == 0 and m > 0 else 0.0, own])
+    if m:  # the rules' picks, ties to the earlier answer (greedy first), as `closest` and `mbr` choose
+        near = max(range(m), key=lambda j: (rows[j][0], -j))
+        voted = max(range(m), key=lambda j: (rows[j][1], -j))
+        for i, row in enumerate(rows):
+            row += [float(i == near), float(i == voted)]
+    else:
+        rows = [row + [0.0, 0.0] for row in rows]
     return rows
+
+
+def _rule_pick(task: Task, query: str, texts: Sequence[str], rule: str) -> int:
+    feats = candidate_features(task, query, texts)
+    return next(i for i, row in enumerate(feats) if row[FEATURES.index(rule)])
 
 
 def mbr(task: Task, query: str, texts: Sequence[str]) -> int:
     """The candidate that agrees most with the others (ties: the earlier, so greedy first)."""
-    feats = candidate_features(task, query, texts)
-    return max(range(len(texts)), key=lambda j: (feats[j][1], -j))
+    return _rule_pick(task, query, texts, "consensus")
 
 
 def closest(task: Task, query: str, texts: Sequence[str]) -> int:
-    """The candidate closest to the query (generation; classification: greedy)."""
-    if task.kind != "generation":
-        return 0
-    return max(range(len(texts)), key=lambda j: (similarity(task, texts[j], query), -j))
+    """The candidate closest to the query (ties: the earlier; classification has no closeness: greedy)."""
+    return _rule_pick(task, query, texts, "closest")
 
 
 def oracle(task: Task, texts: Sequence[str], gold: str) -> int:

@@ -48,6 +48,12 @@ def llm(embedded_llm, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def module_llm(embedded_llm, tmp_path_factory):
+    """As `llm`, shared by a module's tests (for a module-scoped fixture that trains once)."""
+    return RecordingLLM(CachedLLM(embedded_llm, ResponseCache(tmp_path_factory.mktemp("llm-cache"))))
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny batches gain nothing from 2 threads, and 2 threads on 2 busy shared cores ran 50x slower here."""
     threads = torch.get_num_threads()

@@ -6,6 +6,8 @@ a couple of minutes on 2 cores; the behaviour under test does not depend on size
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -34,25 +36,42 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fit_never_sends_the_test_query_or_gold_and_keeps_the_base(llm):
-    split = make_synthetic("LaMP_7", n_users=4, seed=3)
+@pytest.fixture(scope="module")
+def trained(module_llm):
+    """HYDRA trained on 2 synthetic LaMP-7 users (the margin calibration watched), then fitted on 2 more; a
+    fifth user is never seen. Shared by the tests below: training is what costs time."""
+    split = make_synthetic("LaMP_7", n_users=5, seed=3)
     task, cfg = split.task, get_config("cpu", **TINY)
-    train_users, test_users = split.users[:2], split.users[2:]
+    train_users, test_users, stranger = split.users[:2], split.users[2:4], split.users[4]
+    calibrated = []
+    real = hydra.calibration_sums
+
+    def spy(task, adapter, examples):
+        calibrated.extend(g for g in examples if isinstance(g, CandidateGroup) and g.held_out)
+        return real(task, adapter, examples)
+
     models = HydraModels.new(cfg)
-    train(task, llm, train_users, cfg, models)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hydra, "calibration_sums", spy)
+        report = train(task, module_llm, train_users, cfg, models)
     base = {m: {k: v.clone() for k, v in getattr(models, m).shared_state().items()} for m in ("reranker", "adapter")}
-    llm.requests.clear()
+    module_llm.requests.clear()
+    fit(task, module_llm, test_users, cfg, models)
+    return SimpleNamespace(task=task, cfg=cfg, models=models, report=report, calibrated=calibrated, base=base,
+                           fit_prompts=module_llm.prompt_texts(), llm=module_llm, train_users=train_users,
+                           test_users=test_users, stranger=stranger)
 
-    fit(task, llm, test_users, cfg, models)
 
-    sent = "\n".join(llm.prompt_texts())
-    assert llm.requests, "the fit stage made no LLM request"
-    for user in test_users:
+def test_fit_never_sends_the_test_query_or_gold_and_keeps_the_base(trained):
+    task, models = trained.task, trained.models
+    sent = "\n".join(trained.fit_prompts)
+    assert trained.fit_prompts, "the fit stage made no LLM request"
+    for user in trained.test_users:
         assert task.content(user.input) not in sent, "a test user's query reached label generation"
         assert user.gold.strip() not in sent, "a test user's gold reached label generation"
     for m in ("reranker", "adapter"):
-        assert _same(base[m], getattr(models, m).shared_state()), f"the fit stage changed the {m} base"
-        assert all(getattr(models, m).has_user(u.id) for u in test_users)
+        assert _same(trained.base[m], getattr(models, m).shared_state()), f"the fit stage changed the {m} base"
+        assert all(getattr(models, m).has_user(u.id) for u in trained.test_users)
 
 
 def test_pseudo_queries_never_retrieve_their_own_item(llm):
@@ -73,23 +92,18 @@ def test_pseudo_queries_never_retrieve_their_own_item(llm):
         assert len(texts) == 5 and own not in texts
 
 
-def test_unknown_user_is_served_by_the_default_head(llm):
-    split = make_synthetic("LaMP_2M", n_users=3, seed=5)
-    task, cfg = split.task, get_config("cpu", **TINY)
-    models = HydraModels.new(cfg)
-    train(task, llm, split.users[:2], cfg, models)
-    stranger = split.users[2]
-    assert not models.adapter.has_user(stranger.id)
-    pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin=0.0)
+def test_unknown_user_is_served_by_the_default_head(trained):
+    task, cfg, models, stranger = trained.task, trained.cfg, trained.models, trained.stranger
+    assert not models.adapter.has_user(stranger.id) and not models.reranker.has_user(stranger.id)
+    pipe = HydraPipeline(task, trained.llm, Retriever(task), models.reranker, models.adapter, cfg, margin=0.0)
     answer = pipe.answer(stranger)
     query = task.content(stranger.input)
     history = history_answers(task, Retriever(task), stranger, query, cfg.k)
     expected = adapter_scores(models.adapter, task, "__nobody__", query, answer.candidates, answer.sampled, history)
     assert answer.scores == [float(s) for s in expected]
     assert answer.text == answer.candidates[selection.pick(expected, 0.0)]
-    assert len(answer.items) == cfg.k and answer.sampled == cfg.candidates + 1  # greedy + B samples
-    # then every tag the LLM did not name (a closed-label task), each once
-    assert answer.candidates == selection.with_labels(task, answer.candidates[:answer.sampled])
+    # k retrieved items; greedy + B samples, and nothing added (a generation task has no labels to add)
+    assert len(answer.items) == cfg.k and answer.sampled == len(answer.candidates) == cfg.candidates + 1
 
 
 def test_models_are_built_the_same_for_the_same_seed():
@@ -189,37 +203,22 @@ def test_a_sample_replaces_greedy_only_beyond_the_margin():
     assert answers == {0.0: "romance", 0.2: "romance", 0.5: "comedy", None: "comedy"}
 
 
-def test_margin_off_answers_like_the_reranker_alone(llm):
-    split = make_synthetic("LaMP_7", n_users=3, seed=4)
-    task, cfg = split.task, get_config("cpu", **TINY, adapter_margin="off")
-    models = HydraModels.new(cfg)
-    report = train(task, llm, split.users[:2], cfg, models)
-    margin = hydra.resolve_margin(cfg, report.get("calibration", {}).get("margin"))
-    assert margin is None and "calibration" not in report
-    pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
-    user = split.users[2]
-    full = pipe.answer(user, "full")
-    assert len(full.candidates) == cfg.candidates + 1 and full.text == pipe.answer(user, "reranker").text
+def test_margin_off_answers_like_the_reranker_alone(trained):
+    task, models = trained.task, trained.models
+    margin = hydra.resolve_margin(get_config("cpu", **TINY, adapter_margin="off"))
+    assert margin is None
+    pipe = HydraPipeline(task, trained.llm, Retriever(task), models.reranker, models.adapter, trained.cfg, margin)
+    for user in trained.test_users + [trained.stranger]:
+        full = pipe.answer(user, "full")
+        assert len(full.candidates) == trained.cfg.candidates + 1 and full.text == pipe.answer(user, "reranker").text
 
 
-def test_the_margin_is_calibrated_on_training_queries_only(llm, monkeypatch):
-    split = make_synthetic("LaMP_7", n_users=4, seed=6)
-    task, cfg = split.task, get_config("cpu", **TINY)
-    train_users, test_users = split.users[:2], split.users[2:]
-    seen = []
-    real = hydra.calibration_sums
-
-    def spy(task, adapter, examples):
-        seen.extend(g for g in examples if isinstance(g, CandidateGroup) and g.held_out)
-        return real(task, adapter, examples)
-
-    monkeypatch.setattr(hydra, "calibration_sums", spy)
-    models = HydraModels.new(cfg)
-    report = train(task, llm, train_users, cfg, models)
-    fit(task, llm, test_users, cfg, models)
-    assert report["calibration"]["queries"] == len(train_users) == len(seen)
+def test_the_margin_is_calibrated_on_training_queries_only(trained):
+    task, report, seen = trained.task, trained.report, trained.calibrated
+    assert report["calibration"]["queries"] == len(trained.train_users) == len(seen)
     # what calibration sees: exactly the training users' own real queries, never a test user's query or gold
-    assert sorted((g.user_id, g.query) for g in seen) == sorted((u.id, task.content(u.input)) for u in train_users)
+    assert sorted((g.user_id, g.query) for g in seen) == sorted((u.id, task.content(u.input))
+                                                                for u in trained.train_users)
     text = "\n".join(g.query + "\n" + "\n".join(g.texts) for g in seen)
-    for u in test_users:
+    for u in trained.test_users + [trained.stranger]:
         assert task.content(u.input) not in text and u.gold not in text

@@ -51,6 +51,20 @@ def test_training_free_rules_and_the_oracle():
     assert selection.mbr(LAMP7, QUERY, ["a b c", "a b c", "x y z"]) == 0  # ties go to the earlier candidate
 
 
+def test_the_rules_picks_are_features_so_the_adapter_can_learn_either_rule():
+    near, voted = selection.FEATURES.index("closest"), selection.FEATURES.index("consensus")
+    for task, query, texts in ((LAMP7, QUERY, CANDIDATES), (LAMP7, "x y z", ["a b c", "a b c", "x y z"]),
+                               (MOVIES, "a film", ["romance", "comedy", "Comedy!"])):
+        feats = selection.candidate_features(task, query, texts)
+        assert [f[near] for f in feats] == [float(j == selection.closest(task, query, texts)) for j in range(len(texts))]
+        assert [f[voted] for f in feats] == [float(j == selection.mbr(task, query, texts)) for j in range(len(texts))]
+    assert selection.mbr(MOVIES, "a film", ["romance", "comedy", "Comedy!"]) == 1
+    assert selection.closest(LAMP7, "x y z", ["a b c", "a b c", "x y z"]) == 2
+    # labels added after the LLM's answers are never a rule's pick
+    texts = selection.with_labels(MOVIES, ["romance"])
+    assert sum(f[near] + f[voted] for f in selection.candidate_features(MOVIES, "a film", texts, sampled=1)[1:]) == 0
+
+
 def test_pick_keeps_greedy_unless_a_candidate_beats_it_by_more_than_the_margin():
     scores = [0.0, 0.3, 0.1]
     assert selection.pick(scores, 0.0) == 1

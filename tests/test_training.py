@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
-from fedhydra.common.training import CandidateGroup, ScoredExample, fit_stage, train_stage
+from fedhydra.common.training import CandidateGroup, ScoredExample, batch_loss, fit_stage, train_stage
 
 QUERY = "which pet?"
 TEMPLATES = ["a photo of a {}", "my {} is sleeping", "the {} ran away", "I fed the {} today",
@@ -129,6 +129,21 @@ def test_listwise_groups_teach_each_user_to_rank_candidates(model):
     pair = ["there is a cat on the roof", "there is a dog on the roof"]
     cat, dog = model.log_odds("cat_lover", QUERY, pair), model.log_odds("dog_lover", QUERY, pair)
     assert cat[0] > cat[1] and dog[1] > dog[0]
+
+
+def test_the_listwise_loss_is_the_expected_risk_of_the_scorers_pick():
+    groups = [CandidateGroup("a", "q", ["x", "y", "z"], [0.2, 0.9, 0.5]), CandidateGroup("b", "q", ["x", "y"], [1.0, 0.0])]
+    scores = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.0], requires_grad=True)
+    logits = torch.stack([torch.zeros(5), scores], dim=1)  # log-odds = scores
+    loss, correct = batch_loss(groups, logits)
+    risk_a = (torch.softmax(scores[:3], 0) * torch.tensor([0.8, 0.1, 0.5])).sum()
+    risk_b = (torch.softmax(scores[3:], 0) * torch.tensor([0.0, 1.0])).sum()
+    assert loss.item() == pytest.approx(((risk_a + risk_b) / 2).item()) and correct == 2
+    loss.backward()
+    assert scores.grad[1] < 0 < scores.grad[0] and scores.grad[3] < 0  # descent raises each query's best candidate
+    # its infimum is the best pick's cost: all the probability on the best-graded candidate
+    certain = torch.stack([torch.zeros(3), torch.tensor([0.0, 50.0, 0.0])], dim=1)
+    assert batch_loss(groups[:1], certain)[0].item() == pytest.approx(0.1, abs=1e-6)
 
 
 def test_held_out_groups_are_never_trained_on(model):
