@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/fedhydra demo
 
+# Two workers, one per core (tests/conftest.py gives each one thread); a test file stays on one worker,
+# so its module fixtures (a trained HYDRA, a federated run) are built once.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

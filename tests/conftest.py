@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,12 @@ from fedhydra.common.llm import CachedLLM, ResponseCache
 from fedhydra.common.llm.embedded import EmbeddedLLM, embedded_unavailable_reason
 
 LLM_UNAVAILABLE = embedded_unavailable_reason()
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on the two cores: one thread each, in the processes the tests
+    # start too (torch's and OpenMP's spinning pools stall when they oversubscribe shared cores).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
