@@ -86,13 +86,11 @@ def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: in
         length = math.log((_words(text) + 1) / (_words(query) + 1)) if task.kind == "generation" else 0.0
         own = sum(similarity(task, text, h) for h in history) / len(history) if history else 0.0
         rows.append([closeness, agreement, length, 1.0 if i == 0 and m > 0 else 0.0, own])
-    if m:  # the rules' picks, ties to the earlier answer (greedy first), as `closest` and `mbr` choose
-        near = max(range(m), key=lambda j: (rows[j][0], -j))
-        voted = max(range(m), key=lambda j: (rows[j][1], -j))
-        for i, row in enumerate(rows):
-            row += [float(i == near), float(i == voted)]
-    else:
-        rows = [row + [0.0, 0.0] for row in rows]
+    # the rules' picks among the LLM answers (none without one), ties to the earlier: greedy first
+    near = max(range(m), key=lambda j: (rows[j][0], -j)) if m else -1
+    voted = max(range(m), key=lambda j: (rows[j][1], -j)) if m else -1
+    for i, row in enumerate(rows):
+        row += [float(i == near), float(i == voted)]
     return rows
 
 

@@ -35,7 +35,6 @@ from torch.nn import functional as F
 from .scorer import DEFAULT_HEAD, HydraScorer
 
 
-
 @dataclass
 class ScoredExample:
     """One labelled (query, text) pair of a user: label 1 = positive (useful item / good answer).
