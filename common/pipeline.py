@@ -70,11 +70,10 @@ def sample_candidates(task: Task, llm: LLM, messages: list[dict], n: int, seed: 
     return [c.strip() for c in greedy + samples]
 
 
-def history_answers(task: Task, retriever: Retriever, user: User, query: str, k: int,
-                    exclude_ids: tuple[str, ...] = ()) -> list[str]:
+def history_answers(task: Task, retriever: Retriever, user: User, query: str, k: int) -> list[str]:
     """The answers (tag, rating, text) of the user's k profile items BM25 retrieves for the query: the history
     the adapter's `history` feature compares candidates with (selection.candidate_features)."""
-    return [task.item_answer(i) for i in retriever.top(user, query, k, exclude_ids=exclude_ids)]
+    return [task.item_answer(i) for i in retriever.top(user, query, k)]
 
 
 def adapter_scores(adapter: HydraScorer, task: Task, user_id: str, query: str, candidates: list[str],
