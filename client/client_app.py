@@ -33,7 +33,7 @@ from fedhydra.common.config import HydraConfig
 
 from . import trainer
 from .privacy_ledger import DPSettings
-from .state import ClientState, StateError
+from .state import ClientState, StateError, check_origin, partition_origin
 from .train_mods import legacy_fit_mod, public_metrics_mod
 
 NODE_KEYS = ("state", "partition-id", "num-partitions")
@@ -53,18 +53,24 @@ def client_state(values: dict) -> ClientState:
     if not folder:
         raise StateError("the client needs its state folder: node config state=\"DIR\" or a partition-id")
     if (Path(folder) / "client.json").is_file():
-        return ClientState(folder)
+        state = ClientState(folder)
+        if pid is not None:  # a partition's folder: made from these settings, or refused (never another run's)
+            check_origin(Path(folder), state.origin, partition_origin(values, int(pid)))
+        return state
     if pid is None:
         raise StateError(f"{folder} holds no client state and this node has no partition-id to make it from")
     from fedhydra.common.partition import federated_split, load_users
 
+    if values["data"] and not Path(values["data"]).is_absolute():
+        raise StateError(f"data={values['data']!r} is a relative path, but this ClientApp runs in {Path.cwd()}: "
+                         "give the run an absolute path (the fedhydra commands make every path absolute)")
     split = load_users(values)
     parts = federated_split(split, values)
     if "num-partitions" in values and int(values["num-partitions"]) != len(parts):
         raise StateError(f"{values['num-partitions']} partitions (nodes) but the settings make {len(parts)} clients "
                          f"({values['clients']} train + {values['test-clients']} test)")
     role, users = parts[int(pid)]
-    return ClientState.create(folder, split.task, users, role)
+    return ClientState.create(folder, split.task, users, role, origin=partition_origin(values, int(pid)))
 
 
 def _say(values: dict):

@@ -1,7 +1,9 @@
 """A client's private state: one folder that never leaves the client's machine.
 
     STATE/
-      client.json                 format, task, the users it holds (id -> role "train" | "test")
+      client.json                 format, task, the users it holds (id -> role "train" | "test"), and the
+                                  origin of a partition's folder (data, seed, partitioner, client counts,
+                                  partition id): a run with other settings is refused, never silently reused
       history/<user>.json         one LaMP user: query input, gold (None when unknown), profile items
       models/reranker.safetensors HydraScorer.save(): last shared base received + every head + default head
       models/adapter.safetensors
@@ -19,6 +21,7 @@ the on-device gRPC service all read and write this one layout through `ClientSta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,6 +31,7 @@ from pathlib import Path
 from fedhydra.common.config import HydraConfig
 from fedhydra.common.files import write_atomic
 from fedhydra.common.hydra import HydraModels
+from fedhydra.common.partition import users_task
 from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.records import User
 from fedhydra.common.tasks import PROFILE_FIELDS, Task, get_task
@@ -41,6 +45,47 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 class StateError(ValueError):
     """A client state folder is missing, malformed, or asked for something it does not hold."""
+
+
+# The settings that decide which users a partition holds (common/partition.py), and so a state folder's content.
+ORIGIN_KEYS = ("data", "seed", "partitioner", "clients", "test-clients", "users-per-client")
+
+
+def partition_origin(values: dict, partition_id: int) -> dict:
+    """What a partition's state folder is made from: the settings that pick its users, the data's content."""
+    return {"task": users_task(values), **{k: values[k] for k in ORIGIN_KEYS},
+            "data-sha256": _data_digest(str(values["data"])), "partition-id": int(partition_id)}
+
+
+def check_origin(folder: Path, stored: dict | None, origin: dict) -> None:
+    """Refuse a state folder made from other settings than `origin`, naming the first that differs."""
+    if stored is None:
+        raise StateError(f"{folder} holds client state that records no origin (an older FedHydra made it); "
+                         "delete it, or give another out/state-root, to start fresh")
+    for key, value in origin.items():
+        if stored.get(key) != value:
+            raise StateError(f"{folder} holds another run's users: it was made with {key}={stored.get(key)!r}, this "
+                             f"run has {key}={value!r}. Delete that folder (it holds that run's heads and history) "
+                             "or give another --out / state-root to start fresh")
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _data_digest(data: str) -> str:
+    """sha256 over a LaMP folder's (or file's) JSON files; '' for synthetic data (its settings define it)."""
+    if not data:
+        return ""
+    root = Path(data)
+    files = sorted(root.glob("*.json")) if root.is_dir() else [root]
+    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    if key not in _DIGESTS:  # a client answers several messages per run: hash each file once per process
+        digest = hashlib.sha256()
+        for name, _, _ in key:
+            digest.update(Path(name).name.encode())
+            digest.update(Path(name).read_bytes())
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def check_user_id(user_id: str) -> str:
@@ -67,11 +112,14 @@ class ClientState:
             raise StateError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
         self.task: Task = get_task(meta["task"])
         self.roles: dict[str, str] = dict(meta["users"])
+        self.origin: dict | None = meta.get("origin")
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def create(cls, folder: str | os.PathLike, task: Task, users: list[User], role: str) -> "ClientState":
-        """A new state folder holding `users` (all with `role`), or the existing one if it holds exactly them."""
+    def create(cls, folder: str | os.PathLike, task: Task, users: list[User], role: str,
+               origin: dict | None = None) -> "ClientState":
+        """A new state folder holding `users` (all with `role`), or the existing one if it holds exactly them.
+        `origin` (partition_origin) records what a partition's folder was made from."""
         if role not in ROLES:
             raise StateError(f"role {role!r} must be one of {ROLES}")
         folder = Path(folder).expanduser()
@@ -80,11 +128,14 @@ class ClientState:
             state = cls(folder)
             if state.task.name != task.name or state.roles != roles:
                 raise StateError(f"{folder} already holds other users or another task; use a fresh folder")
+            if origin is not None:
+                check_origin(folder, state.origin, origin)
             return state
         for user in users:
             _write_user(folder / "history" / f"{user.id}.json", user)
         write_atomic(folder / "client.json",
-                     json.dumps({"format": FORMAT, "task": task.name, "users": roles}, indent=1) + "\n")
+                     json.dumps({"format": FORMAT, "task": task.name, "users": roles,
+                                 **({"origin": origin} if origin is not None else {})}, indent=1) + "\n")
         return cls(folder)
 
     # ------------------------------------------------------------------ users and history
@@ -142,7 +193,7 @@ class ClientState:
         """The saved reranker and adapter (base + heads), or None before the first save."""
         if not self.has_models():
             return None
-        reranker, adapter = (HydraScorer.load(self.model_path(m), device=device, encoder=encoder, cache_mb=128)
+        reranker, adapter = (HydraScorer.load(self.model_path(m), device=device, encoder=encoder)
                              for m in MODULES)
         return HydraModels(reranker, adapter)
 

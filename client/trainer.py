@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import torch
 
-from fedhydra.common import hydra, training
+from fedhydra.common import hydra, settings, training
 from fedhydra.common.config import HydraConfig
 from fedhydra.common.llm import CachedLLM, ResponseCache, llm_from_settings
 from fedhydra.common.llm.base import LLM
@@ -40,8 +40,7 @@ from .state import ClientState
 
 Say = Callable[[str], None]
 _BACKENDS: dict[tuple, LLM] = {}
-# labels don't depend on these
-LABEL_FREE = ("epochs", "fit_epochs", "lr", "head_lr", "batch_size", "weight_decay", "adapter_margin")
+LABEL_FREE = tuple(k.replace("-", "_") for k in settings.tagged("label-free"))  # HydraConfig fields labels ignore
 
 
 def client_llm(state: ClientState, values: dict) -> LLM:
@@ -60,7 +59,11 @@ def client_llm(state: ClientState, values: dict) -> LLM:
 def load_models(state: ClientState, cfg: HydraConfig, device: str | None = None) -> hydra.HydraModels:
     """The client's saved models, or fresh ones (seeded, so every client starts from the same default head)."""
     models = state.load_models(device=device)
-    return models if models is not None else hydra.HydraModels.new(cfg, device=device)
+    if models is None:
+        return hydra.HydraModels.new(cfg, device=device)
+    if models.adapter.candidate_weights is not None:  # the learning rate is the run's, not a saved property
+        models.adapter.candidate_weights.fixed_lr = cfg.feature_lr
+    return models
 
 
 def _label_key(cfg: HydraConfig, module: str, role: str, llm: LLM, models: hydra.HydraModels) -> str:

@@ -12,7 +12,7 @@ both presets keep HYDRA's choice of the train stage's epochs. Every run records 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, field, fields, make_dataclass, replace
 
 from . import settings
 
@@ -26,32 +26,8 @@ MARGIN_OFF = "off"
 MARGIN_AUTO = "auto"
 
 
-@dataclass(frozen=True)
-class HydraConfig:
-    """The `hydra` settings of a run (their meaning: common/settings.py), sizes resolved, plus the seed."""
-
-    preset: str
-    pseudo_queries: int
-    retrieve: int
-    k: int
-    candidates: int
-    temperature: float
-    style: str
-    adapter_labels: str
-    adapter_label_queries: int
-    adapter_margin: str
-    encoder: str
-    train_layers: int
-    head_layers: int
-    max_length: int
-    epochs: int
-    fit_epochs: int
-    lr: float
-    head_lr: float
-    batch_size: int
-    weight_decay: float
-    seed: int
-    include_train_queries: bool = True  # a training user's own query + gold are training data too
+class _HydraConfigRules:
+    """Validation and views of HydraConfig; its fields come from the settings table (see HydraConfig below)."""
 
     def __post_init__(self):
         if not 1 <= self.k <= self.retrieve:
@@ -85,7 +61,7 @@ class HydraConfig:
         return asdict(self)
 
     @classmethod
-    def from_settings(cls, values: dict) -> "HydraConfig":
+    def from_settings(cls, values: dict):
         """From resolved settings (any superset of the `hydra` group plus `seed`); 0-valued sizes take the preset's."""
         preset = str(values.get("preset", settings.SETTINGS["preset"].default))
         if preset == "auto":
@@ -106,10 +82,20 @@ class HydraConfig:
         return cls(**kw)
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "HydraConfig":
+    def from_dict(cls, doc: dict):
         """What as_dict() wrote (e.g. a client state's config.json)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+# One field per `hydra` setting (name and type from common/settings.py, so nothing is declared twice), plus the seed
+# and one switch that is no setting. Sizes hold the preset's value once resolved (from_settings).
+HydraConfig = make_dataclass(
+    "HydraConfig",
+    [(s.dest, type(s.default)) for s in settings.SETTINGS.values() if s.group == "hydra"]
+    + [("seed", int), ("include_train_queries", bool, field(default=True))],  # a training user's own query + gold
+    bases=(_HydraConfigRules,), frozen=True)
+HydraConfig.__doc__ = "The `hydra` settings of a run (their meaning: common/settings.py), sizes resolved, plus the seed."
 
 
 def get_config(preset: str = "cpu", **overrides) -> HydraConfig:

@@ -40,9 +40,8 @@ class HydraModels:
     @classmethod
     def new(cls, cfg: HydraConfig, device: str | None = None) -> "HydraModels":
         def make(extra: int) -> HydraScorer:
-            # 128 MB of frozen features per scorer holds the cpu preset's pairs (64 MB measured: same peak RSS)
             return HydraScorer(cfg.encoder or None, train_layers=cfg.train_layers, head_layers=cfg.head_layers,
-                               max_length=cfg.max_length, device=device, cache_mb=128, extra=extra)
+                               max_length=cfg.max_length, device=device, extra=extra, feature_lr=cfg.feature_lr)
         # The default head is initialised at construction: seed it, or reruns differ (and miss the LLM cache).
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)

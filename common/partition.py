@@ -16,6 +16,12 @@ from .data import load_split, split_users
 from .records import LampSplit, User
 
 PARTITIONERS = ("id", "profile-size")
+SYNTHETIC_TASK = "LaMP_2M"  # the task of the synthetic users when the task setting is ''
+
+
+def users_task(values: dict) -> str:
+    """The task that picks the users: '' for a data folder (its content decides it), else the synthetic task."""
+    return "" if values["data"] else (values["task"] or SYNTHETIC_TASK)
 
 
 def load_users(values: dict) -> LampSplit:
@@ -28,7 +34,7 @@ def load_users(values: dict) -> LampSplit:
     from .synthetic import make_synthetic
 
     n = (int(values["clients"]) + int(values["test-clients"])) * int(values["users-per-client"])
-    return make_synthetic(values["task"] or "LaMP_2M", n_users=n, seed=int(values["seed"]))
+    return make_synthetic(users_task(values), n_users=n, seed=int(values["seed"]))
 
 
 def partition_users(users: list[User], users_per_client: int = 1, by: str = "id", seed: int = 0) -> list[list[User]]:

@@ -26,18 +26,14 @@ import warnings
 import torch
 from torch import nn
 
+from . import settings
 from .encoder import check_state, default_encoder_path, layer_out, pick_device, quiet_transformers
 from .heads import HiddenCache, ScoringHead, head_key
 
 DEFAULT_HEAD = "__default__"
 FEATURE_WEIGHTS = "candidate_weights.weight"  # its key in the shared state
-# The few feature weights must travel far (a closeness weight of about 5 log-odds ranks LaMP-7 candidates like
-# the closest-to-the-query rule). Adam moves a weight by about lr per step whatever its gradient's scale, so
-# they train at their own learning rate, without weight decay (training.param_groups reads `fixed_lr`), and
-# one that suits both a central run (~100 steps) and a federated client (~3 steps per round at 5 users).
-# Fitting the feature term alone on LaMP-7's cached candidates (60 train, 100 test users, ROUGE-1, central /
-# 12 clients x 3 rounds of 1 epoch): lr 0.1: 0.384 / 0.351; 0.5: 0.390 / 0.377; 1.0: 0.388 / 0.386.
-FEATURE_LR = 1.0
+# Frozen-layer outputs kept per scorer: 128 MB holds the cpu preset's pairs (64 MB measured: the same peak RSS).
+FEATURE_CACHE_MB = 128
 
 
 class HydraScorer(nn.Module):
@@ -50,7 +46,8 @@ class HydraScorer(nn.Module):
 
     def __init__(self, encoder: str | None = None, train_layers: int = 2, head_layers: int = 2,
                  max_length: int = 256, dropout: float | None = None,
-                 device: str | torch.device | None = None, cache_mb: float = 256, extra: int = 0):
+                 device: str | torch.device | None = None, cache_mb: float = FEATURE_CACHE_MB, extra: int = 0,
+                 feature_lr: float | None = None):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -85,7 +82,11 @@ class HydraScorer(nn.Module):
         self.candidate_weights = nn.Linear(extra, 2, bias=False) if extra else None
         if self.candidate_weights is not None:
             nn.init.zeros_(self.candidate_weights.weight)  # starts as HYDRA's scorer: the encoder's judgement only
-            self.candidate_weights.fixed_lr = FEATURE_LR
+            # The few feature weights must travel far (a closeness weight of about 5 log-odds ranks LaMP-7
+            # candidates like the closest-to-the-query rule), and Adam moves a weight by about lr per step, so they
+            # train at their own learning rate (setting feature-lr), without weight decay (training.param_groups).
+            self.candidate_weights.fixed_lr = settings.SETTINGS["feature-lr"].default if feature_lr is None \
+                else feature_lr
         self.heads = nn.ModuleDict()
         self._user_of_key: dict[str, str] = {}
         self.heads[DEFAULT_HEAD] = self._new_head()
@@ -388,7 +389,7 @@ class HydraScorer(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-             encoder: str | None = None, cache_mb: float = 256) -> "HydraScorer":
+             encoder: str | None = None, cache_mb: float = FEATURE_CACHE_MB) -> "HydraScorer":
         """A scorer saved by save(); `encoder` overrides the saved encoder location (same weights required)."""
         from .scorer_file import load
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .scorer import DEFAULT_HEAD, HydraScorer
+from .scorer import DEFAULT_HEAD, FEATURE_CACHE_MB, HydraScorer
 
 FORMAT = "fedhydra-scorer/1"
 
@@ -49,7 +49,7 @@ def save(model: HydraScorer, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, encoder: str | None = None,
-         cache_mb: float = 256) -> HydraScorer:
+         cache_mb: float = FEATURE_CACHE_MB) -> HydraScorer:
     from safetensors import safe_open
 
     path = Path(path)

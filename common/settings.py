@@ -27,6 +27,10 @@ class Setting:
     help: str
     group: str
     choices: tuple = ()
+    path: str = ""  # "in": a path that must exist; "out": a path the run writes; "in?": a path or a name
+    # "run-free": changes nothing a run computes (a resume may change it); "label-free": LLM labels don't depend on it
+    tags: tuple = ()
+
 
     @property
     def dest(self) -> str:
@@ -34,18 +38,20 @@ class Setting:
 
 
 _S = Setting
+RUN_FREE, LABEL_FREE = ("run-free",), ("label-free",)
 SETTINGS: dict[str, Setting] = {s.key: s for s in (
     # --- data: which users, and how they are dealt out to clients
     _S("task", "", "expected LaMP task ('' = the data's; synthetic data: LaMP_2M)", "data"),
-    _S("data", "", "LaMP split folder ('' = FedHydra's deterministic synthetic users)", "data"),
-    _S("train-users", 20, "users whose history trains the shared bases (centralized runs)", "data"),
-    _S("test-users", 20, "unseen users who are evaluated (centralized runs)", "data"),
+    _S("data", "", "LaMP split folder ('' = FedHydra's deterministic synthetic users)", "data", path="in"),
     _S("clients", 6, "train clients (federated runs)", "data"),
     _S("test-clients", 6, "clients of unseen users, evaluated after training (federated runs)", "data"),
     _S("users-per-client", 1, "users each client holds", "data"),
     _S("partitioner", "id", "id: users dealt out at random; profile-size: clients of similar history length",
        "data", ("id", "profile-size")),
     _S("seed", 0, "seed of the user split, the models and the LLM samples", "data"),
+    # --- centralized evaluation only (`fedhydra evaluate`; not a Flower run-config key)
+    _S("train-users", 20, "users whose history trains the shared bases", "central"),
+    _S("test-users", 20, "unseen users who are evaluated", "central"),
     # --- HYDRA: sizes (0 = the preset's) and method choices
     _S("preset", "cpu", "HYDRA sizes: paper (HYDRA's published ones), cpu (fewer LLM calls for 2-core machines) or "
        "auto (paper with CUDA, cpu without)", "hydra", ("cpu", "paper", "auto")),
@@ -62,28 +68,37 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("adapter-label-queries", 12, "classification/rating: extra adapter queries per user over the closed label "
        "set (no LLM call)", "hydra"),
     _S("adapter-margin", "auto", "a sample replaces the greedy answer only when its adapter score beats greedy's by "
-       "this much: auto (chosen on held-out training queries), off (always greedy), or a number", "hydra"),
-    _S("encoder", "", "HF encoder folder or name of both scorers ('' = all-MiniLM-L6-v2 from its package)", "hydra"),
+       "this much: auto (chosen on held-out training queries), off (always greedy), or a number", "hydra",
+       tags=LABEL_FREE),
+    _S("encoder", "", "HF encoder folder or name of both scorers ('' = all-MiniLM-L6-v2 from its package)", "hydra",
+       path="in?"),
     _S("train-layers", 2, "top encoder layers that train and are shared", "hydra"),
     _S("head-layers", 2, "layers of each per-user head (1 or 2)", "hydra"),
     _S("max-length", 0, "token limit of a scored (query, text) pair (0 = preset)", "hydra"),
-    _S("epochs", 0, "epochs over the labels (federated: per round) (0 = preset)", "hydra"),
+    _S("epochs", 0, "epochs over the labels (federated: per round) (0 = preset)", "hydra", tags=LABEL_FREE),
     _S("fit-epochs", 0, "epochs of the fit stage, where a new user's heads learn on the frozen base (its features "
-       "are computed once, so epochs are cheap) (0 = preset)", "hydra"),
-    _S("lr", 0.0, "learning rate of the shared base layers (0 = preset)", "hydra"),
-    _S("head-lr", 0.0, "learning rate of the heads (0 = preset)", "hydra"),
-    _S("batch-size", 0, "training batch size (0 = preset)", "hydra"),
-    _S("weight-decay", 0.01, "AdamW weight decay", "hydra"),
+       "are computed once, so epochs are cheap) (0 = preset)", "hydra", tags=LABEL_FREE),
+    _S("lr", 0.0, "learning rate of the shared base layers (0 = preset)", "hydra", tags=LABEL_FREE),
+    _S("head-lr", 0.0, "learning rate of the heads (0 = preset)", "hydra", tags=LABEL_FREE),
+    # Adam moves a weight by about lr per step, and the few feature weights must travel far even in a federated
+    # client's few steps. Fitted on LaMP-7's cached candidates (60 train / 100 test users, ROUGE-1), central / 12
+    # clients x 3 rounds: lr 0.1: 0.384 / 0.351; 0.5: 0.390 / 0.377; 1.0: 0.388 / 0.386.
+    _S("feature-lr", 1.0, "learning rate of the adapter's shared candidate-feature weights (no weight decay)",
+       "hydra", tags=LABEL_FREE),
+    _S("batch-size", 0, "training batch size (0 = preset)", "hydra", tags=LABEL_FREE),
+    _S("weight-decay", 0.01, "AdamW weight decay", "hydra", tags=LABEL_FREE),
     # --- the black-box LLM
     _S("llm", "embedded", "embedded: SmolLM2-135M-Instruct in-process; openai: any OpenAI-compatible endpoint",
        "llm", ("embedded", "openai")),
     _S("llm-base-url", "", "endpoint of --llm openai, e.g. http://127.0.0.1:8765/v1", "llm"),
     _S("llm-model", "", "model name sent to --llm openai (embedded: another GGUF file)", "llm"),
-    _S("llm-api-key-env", "OPENAI_API_KEY", "environment variable that holds the endpoint's API key", "llm"),
+    _S("llm-api-key-env", "OPENAI_API_KEY", "environment variable that holds the endpoint's API key", "llm",
+       tags=RUN_FREE),
     _S("llm-threads", 1, "CPU threads of the embedded LLM (1: llama.cpp's 2-thread pool stalls on shared cores)",
-       "llm"),
+       "llm", tags=RUN_FREE),
     _S("cache-dir", "", "LLM response cache folder ('' = $FEDHYDRA_CACHE_DIR or ~/.cache/fedhydra); in simulations "
-       "every client reads through it, as through a provider that answers identical prompts once", "llm"),
+       "every client reads through it, as through a provider that answers identical prompts once", "llm",
+       path="out", tags=RUN_FREE),
     # --- federation (the ServerApp and ClientApp)
     _S("rounds", 3, "federated rounds per module: the reranker's, then the adapter's", "federation"),
     _S("strategy", "fedavg", "Flower strategy that aggregates the shared arrays", "federation",
@@ -93,15 +108,17 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("server-lr", 0.0, "server learning rate (0 = the strategy's usual one: fedavgm 1.0; fedadam, fedyogi, "
        "fedadagrad eta 0.001, as Flower's 0.1 moves pretrained encoder weights far too much)", "federation"),
     _S("server-momentum", 0.9, "fedavgm: server momentum; fedadam/fedyogi: beta-1", "federation"),
-    _S("min-nodes", 2, "nodes to wait for before the first round", "federation"),
-    _S("node-wait", 300.0, "seconds to wait for min-nodes to connect", "federation"),
-    _S("round-timeout", 3600.0, "seconds a round waits for replies; clients that miss it are left out", "federation"),
-    _S("out", "runs/federated", "server-side results and checkpoint folder", "federation"),
+    _S("min-nodes", 2, "nodes to wait for before the first round", "federation", tags=RUN_FREE),
+    _S("node-wait", 300.0, "seconds to wait for min-nodes to connect", "federation", tags=RUN_FREE),
+    _S("round-timeout", 3600.0, "seconds a round waits for replies; clients that miss it are left out", "federation",
+       tags=RUN_FREE),
+    _S("out", "runs/federated", "server-side results and checkpoint folder", "federation", path="out", tags=RUN_FREE),
     _S("state-root", "runs/federated/clients", "simulation: folder of the clients' private state folders "
-       "(a deployed SuperNode names its own with node config state=DIR)", "federation"),
-    _S("resume", False, "continue from the checkpoint in out", "federation"),
-    _S("stop-after-round", 0, "stop cleanly after this round (0 = run to the end); resume later", "federation"),
-    _S("threads", 1, "torch threads of each client", "federation"),
+       "(a deployed SuperNode names its own with node config state=DIR)", "federation", path="out", tags=RUN_FREE),
+    _S("resume", False, "continue from the checkpoint in out", "federation", tags=RUN_FREE),
+    _S("stop-after-round", 0, "stop cleanly after this round (0 = run to the end); resume later", "federation",
+       tags=RUN_FREE),
+    _S("threads", 1, "torch threads of each client", "federation", tags=RUN_FREE),
     # --- privacy (PRIVACY.md): differential privacy and secure aggregation of the shared arrays
     _S("dp", "off", "differential privacy: off, user (each client's update clipped, Gaussian noise on the sum at "
        "the server, Flower's RDP accountant) or record (DP-SGD with Opacus on each client)", "privacy",
@@ -117,7 +134,14 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
        "clients' updates", "privacy"),
 )}
 
-GROUPS = ("data", "hydra", "llm", "federation", "privacy")
+GROUPS = ("data", "hydra", "llm", "federation", "privacy")  # the Flower app's: its run config holds exactly these
+TITLES = {"data": "data and clients", "central": "centralized evaluation", "hydra": "HYDRA", "llm": "black-box LLM",
+          "federation": "federation", "privacy": "privacy"}
+
+
+def tagged(tag: str) -> tuple[str, ...]:
+    """The keys of the settings that carry `tag` (see Setting.tags)."""
+    return tuple(k for k, s in SETTINGS.items() if tag in s.tags)
 
 
 def defaults(groups: tuple[str, ...] = GROUPS) -> dict[str, Value]:
@@ -155,6 +179,29 @@ def resolve(*layers: dict, groups: tuple[str, ...] = GROUPS, extra_keys: tuple[s
     return out
 
 
+def absolute_paths(values: dict[str, Value]) -> dict[str, Value]:
+    """`values` with every path setting made absolute against this process's working directory, the user's.
+
+    Paths are resolved once, where the user gave them, because Flower's SuperLink, SuperNodes and ClientApps
+    run in other working directories. An input path that does not exist is refused here, before anything starts.
+    An encoder is a folder or a model name: only what looks like a path ('.', '/' or '~' first) must exist.
+    """
+    from pathlib import Path
+
+    out = dict(values)
+    for key, value in values.items():
+        kind = SETTINGS[key].path if key in SETTINGS else ""
+        if not kind or not value:
+            continue
+        if kind == "in?" and not str(value).startswith((".", "/", "~")) and not Path(str(value)).exists():
+            continue  # a model name, not a path
+        path = Path(str(value)).expanduser().resolve()
+        if kind.startswith("in") and not path.exists():
+            raise ValueError(f"--{key} {value}: no such file or folder ({path})")
+        out[key] = str(path)
+    return out
+
+
 # ---------------------------------------------------------------- command line
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
@@ -169,10 +216,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...], skip
     """`--key` flags for the settings of `groups` (argparse default None: `from_args` keeps only what was given).
     `shown_defaults` are a command's own defaults (e.g. the demo's sizes), shown in --help."""
     shown = dict(shown_defaults or {})
-    titles = {"data": "data and clients", "hydra": "HYDRA", "llm": "black-box LLM", "federation": "federation",
-              "privacy": "privacy"}
     for group in groups:
-        g = parser.add_argument_group(titles[group])
+        g = parser.add_argument_group(TITLES[group])
         for key, s in SETTINGS.items():
             if s.group != group or key in skip:
                 continue
@@ -208,7 +253,8 @@ def app_config_toml(values: dict[str, Value] | None = None) -> str:
     values = {**defaults(), **(values or {})}
     lines = ["[tool.flwr.app.config]"]
     for key, s in SETTINGS.items():
-        lines += [f"# {s.help}", f"{key} = {toml_value(values[key])}"]
+        if s.group in GROUPS:
+            lines += [f"# {s.help}", f"{key} = {toml_value(values[key])}"]
     return "\n".join(lines) + "\n"
 
 

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhydra.common import settings
 from fedhydra.common.files import write_atomic
 
 PROGRESS = "progress.json"
 STRATEGY = "strategy/"
-# Settings that do not change what a run computes: a resume may change them.
-FREE_SETTINGS = ("out", "resume", "stop-after-round", "round-timeout", "node-wait", "min-nodes", "threads",
-                 "llm-threads", "cache-dir", "state-root", "llm-api-key-env")
+# Settings that do not change what a run computes (tagged run-free in the table): a resume may change them.
+FREE_SETTINGS = settings.tagged("run-free")
 
 
 def fingerprint(values: dict) -> str:

@@ -74,6 +74,18 @@ def llm_candidates(rows: list[dict]) -> dict[str, list[str]]:
     return {r["id"]: r["candidates"][:r.get("sampled") or None] for r in rows}
 
 
+def run_references(done, task: Task, users: list[User], methods: list[str]) -> None:
+    """The reference methods into `done` (results.Outcomes); mbr/closest/oracle need the candidates of a finished
+    hydra or hydra-adapter, copy-input needs nothing."""
+    rows = done.predictions.get("hydra") or done.predictions.get("hydra-adapter")
+    needy = [m for m in methods if m != "copy-input"]
+    if rows is None and needy:
+        done.fail(needy, "needs the candidates of hydra or hydra-adapter, which did not run or failed")
+        methods = [m for m in methods if m not in needy]
+    if methods:
+        done.attempt(methods, lambda: references(task, users, methods, llm_candidates(rows or [])))
+
+
 def references(task: Task, users: list[User], methods: list[str], candidates_of: dict[str, list[str]]):
     """The reference methods in `methods`; mbr/closest/oracle pick among `candidates_of[user id]`."""
     results, predictions = [], {}

@@ -14,6 +14,8 @@ import signal
 import time
 from pathlib import Path
 
+from fedhydra.common import settings
+
 from .app_folder import write_app
 from .deployment import CONNECTION, ISOLATIONS, Deployment
 from .processes import DeployError
@@ -37,17 +39,29 @@ def add_deployment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
 
 
-def deploy_command(args: argparse.Namespace, values: dict) -> dict:
-    """Everything `fedhydra deploy` does; see its --help."""
-    t0 = time.monotonic()
+def deploy_plan(args: argparse.Namespace, values: dict) -> dict:
+    """What `fedhydra deploy` will start, decided (and checked) before anything starts. Every flag lands here."""
     out = Path(args.out).expanduser().resolve()
     workdir = Path(args.workdir).expanduser().resolve() if args.workdir else out / "deploy"
     if values["clients"] < 1:
         raise ValueError("--clients must be at least 1")
     n = values["clients"] + values["test-clients"]
-    given = getattr(args, "state_root", None) is not None
-    state_root = Path(values["state-root"]).expanduser().resolve() if given else workdir / "clients"
-    values = values | {"out": str(out), "state-root": str(state_root), "min-nodes": n}
+    given = settings.from_args(args)
+    state_root = Path(values["state-root"]).expanduser().resolve() if "state-root" in given else workdir / "clients"
+    if "min-nodes" in given and not 1 <= values["min-nodes"] <= n:
+        raise ValueError(f"--min-nodes {values['min-nodes']} must be between 1 and the {n} clients started")
+    min_nodes = values["min-nodes"] if "min-nodes" in given else n  # by default the run waits for every client
+    return {"out": out, "workdir": workdir, "nodes": n, "state_root": state_root,
+            "values": values | {"out": str(out), "state-root": str(state_root), "min-nodes": min_nodes},
+            "certs": args.certs, "insecure": args.insecure, "port": args.port, "isolation": args.isolation,
+            "timeout": args.timeout, "quiet": args.quiet}
+
+
+def deploy_command(args: argparse.Namespace, values: dict) -> dict:
+    """Everything `fedhydra deploy` does; see its --help."""
+    t0 = time.monotonic()
+    plan = deploy_plan(args, values)
+    out, workdir, n, state_root, values = (plan[k] for k in ("out", "workdir", "nodes", "state_root", "values"))
     app = write_app(workdir / "app", values, name="fedhydra-deploy")
     print(f"{n} clients ({values['clients']} train, {values['test-clients']} test); each SuperNode makes its state "
           f"folder under {state_root}", flush=True)

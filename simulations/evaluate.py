@@ -25,8 +25,8 @@ from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever
 from fedhydra.common.tasks import Task
 
-from .compare import PROMPT_BASELINES, REFERENCES, llm_candidates, ratios, references, run_baselines, run_method
-from .results import markdown_table, write_results
+from .compare import PROMPT_BASELINES, REFERENCES, ratios, run_baselines, run_references, run_method
+from .results import Outcomes, markdown_table, write_results
 
 
 def check_methods(methods: list[str], extra: tuple[str, ...] = ()) -> None:
@@ -62,6 +62,8 @@ def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], li
     if args.train_data or args.test_data:
         if not (args.train_data and args.test_data):
             raise ValueError("give --data DIR, or both --train-data DIR and --test-data DIR")
+        if values["data"]:
+            raise ValueError("give --data DIR or --train-data/--test-data, not both (--data would be ignored)")
         tr, te = load_split(args.train_data), load_split(args.test_data)
         if tr.task.name != te.task.name:
             raise ValueError(f"--train-data is {tr.task.name} but --test-data is {te.task.name}")
@@ -80,24 +82,36 @@ def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], li
     return task, train_users, test_users, source
 
 
-def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
-    """Everything `fedhydra evaluate` does; see its --help."""
-    t0 = time.perf_counter()
+def evaluation_plan(args: argparse.Namespace, values: dict) -> dict:
+    """What `fedhydra evaluate` will run, decided (and checked) before anything starts. Every flag lands here."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     check_methods(methods)
-    cfg = HydraConfig.from_settings(values)
-    task, train_users, test_users, source = _users(args, values)
-    refs = [m for m in methods if m in REFERENCES]
-    hydra = [m for m in methods if m in MODES]
+    refs, hydra = [m for m in methods if m in REFERENCES], [m for m in methods if m in MODES]
     if [m for m in refs if m != "copy-input"] and not ({"hydra", "hydra-adapter"} & set(hydra)):
         raise ValueError("mbr, closest and oracle pick among hydra's candidates: add hydra or hydra-adapter")
+    task, train_users, test_users, source = _users(args, values)
+    return {"methods": methods, "out": Path(args.out), "values": values, "config": HydraConfig.from_settings(values),
+            "task": task, "train_users": train_users, "test_users": test_users, "source": source,
+            "train_data": args.train_data, "test_data": args.test_data}
+
+
+def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
+    """Everything `fedhydra evaluate` does; see its --help. A method that fails does not stop the others; the
+    finished ones' results are written, then the failure is reported (results.MethodsFailed)."""
+    t0 = time.perf_counter()
+    plan = evaluation_plan(args, values)
+    methods, cfg, task, train_users, test_users = (plan[k] for k in ("methods", "config", "task", "train_users",
+                                                                     "test_users"))
+    refs, hydra, source = [m for m in methods if m in REFERENCES], [m for m in methods if m in MODES], plan["source"]
     llm = llm_from_settings(values)
+    out = plan["out"]
     print(f"{task.name}: {len(train_users)} train users, {len(test_users)} test users, LLM {llm.name}, "
           f"preset {cfg.preset}", flush=True)
 
-    baselines = [m for m in methods if m not in MODES and m not in REFERENCES]
-    results, predictions = run_baselines(task, test_users, baselines, llm, seed=cfg.seed,
-                                         style=cfg.style_or_none) if baselines else ([], {})
+    done = Outcomes(out)
+    for name in (m for m in methods if m not in MODES and m not in REFERENCES):
+        done.attempt([name], lambda name=name: run_baselines(task, test_users, [name], llm, seed=cfg.seed,
+                                                              style=cfg.style_or_none))
     info = {"data": source, "train users": len(train_users), "test users": len(test_users), "seed": cfg.seed,
             "llm": llm.name, "prompt style": cfg.style or default_style(task), "preset": cfg.preset,
             "candidates": f"greedy + {cfg.candidates} at temperature {cfg.temperature}",
@@ -105,23 +119,22 @@ def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
             "machine": f"{platform.machine()}, Python {platform.python_version()}"}
     extra: dict = {"config": cfg.as_dict(), "settings": values}
     if hydra:
-        r, p, report, _ = run_hydra(task, llm, train_users, test_users, hydra, cfg)
-        results += r
-        predictions |= p
-        extra["hydra training"] = report
-        info["adapter margin"] = "off" if report["margin"] is None else report["margin"]
-        info["hydra train+fit s"] = report["wall_s"]
-    if refs:
-        source_rows = predictions.get("hydra") or predictions.get("hydra-adapter") or []
-        r, p = references(task, test_users, refs, llm_candidates(source_rows))
-        results += r
-        predictions |= p
+        def _hydra():
+            r, p, report, _ = run_hydra(task, llm, train_users, test_users, hydra, cfg)
+            extra["hydra training"] = report
+            info["adapter margin"] = "off" if report["margin"] is None else report["margin"]
+            info["hydra train+fit s"] = report["wall_s"]
+            return r, p
+        done.attempt(hydra, _hydra)
+    run_references(done, task, test_users, refs)
     info["wall s"] = round(time.perf_counter() - t0, 1)
     info["peak RSS MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     order = {m: i for i, m in enumerate(methods)}
-    results.sort(key=lambda r: order[r.method])
+    results, predictions = sorted(done.results, key=lambda r: order[r.method]), done.predictions
     q = ratios(task, predictions, seed=cfg.seed)
-    out = Path(args.out)
+    if done.failures:
+        extra["failed"] = done.failures
     md = write_results(out, task, results, info, predictions, extra=extra, ratios=q)
     print("\n" + markdown_table(task, results, q) + f"\n\nresults: {md}")
+    done.raise_failures()
     return out

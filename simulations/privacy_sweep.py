@@ -16,13 +16,14 @@ import json
 import math
 from pathlib import Path
 
+from fedhydra.common import settings
 from fedhydra.common.files import write_atomic
 from fedhydra.common.llm import default_cache_dir, llm_from_settings
 from fedhydra.common.partition import federated_split, load_users
 
 from .compare import run_baselines
 from .plots import save_figure
-from .simulate import run_federated
+from .simulate import federated_plan, run_federated
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -51,26 +52,40 @@ def _spent(doc: dict) -> tuple[float | None, float | None]:
     return (float(eps) if eps is not None else None), privacy.get("item_epsilon")
 
 
-def sweep_command(args: argparse.Namespace, values: dict) -> Path:
+def sweep_plan(args: argparse.Namespace, values: dict) -> dict:
+    """What the sweep will run, decided before anything starts: every budget's Flower run settings."""
     epsilons = parse_epsilons(args.epsilons)
     out = Path(args.out).expanduser().resolve()
     values = values | {"cache-dir": str(default_cache_dir(values["cache-dir"] or None).resolve())}
     split = load_users(values)
-    task = split.task
     test_users = [u for role, users in federated_split(split, values) if role == "test" for u in users]
     if not test_users:
         raise ValueError("--test-clients must be at least 1: the metric is measured on the test clients' users")
-    metric = task.metrics[0]
-    llm = llm_from_settings(values)
-    rag_name = f"rag-{values['k']}"
-    [rag], _ = run_baselines(task, test_users, [rag_name], llm, seed=int(values["seed"]), progress=False)
-    rows = []
+    given = tuple(settings.from_args(args))
+    runs = {}
     for eps in epsilons:
         private = not math.isinf(eps)
-        run = values | {"dp": args.mode if private else "off", "dp-epsilon": eps if private else 0.0}
         label = "inf" if not private else f"{eps:g}"
+        run = values | {"dp": args.mode if private else "off", "dp-epsilon": eps if private else 0.0}
+        runs[label] = (run, federated_plan(run, out / f"eps-{label}", args.parallel, given)[0])
+    return {"out": out, "task": split.task, "test_users": test_users, "values": values, "mode": args.mode,
+            "parallel": args.parallel, "given": given, "runs": runs, "rag": f"rag-{values['k']}",
+            "style": values["style"] or None}
+
+
+def sweep_command(args: argparse.Namespace, values: dict) -> Path:
+    plan = sweep_plan(args, values)
+    out, task, values = plan["out"], plan["task"], plan["values"]
+    metric = task.metrics[0]
+    llm = llm_from_settings(values)
+    rag_name = plan["rag"]
+    [rag], _ = run_baselines(task, plan["test_users"], [rag_name], llm, seed=int(values["seed"]), style=plan["style"],
+                             progress=False)
+    rows = []
+    for label, (run, _) in plan["runs"].items():
+        private = label != "inf"
         print(f"privacy sweep: epsilon {label} ({args.mode if private else 'no DP'})", flush=True)
-        doc = run_federated(run, out / f"eps-{label}", args.parallel)
+        doc = run_federated(run, out / f"eps-{label}", plan["parallel"], given=plan["given"])
         spent, item = _spent(doc)
         ev = doc.get("evaluation")
         rows.append({"epsilon": label, "mode": args.mode if private else "off", "status": doc["status"],

@@ -17,6 +17,50 @@ from fedhydra.common.tasks import Task
 DIAGNOSTIC = {"oracle": "oracle (upper bound, not a method)"}
 
 
+class MethodsFailed(RuntimeError):
+    """Some methods failed; the finished methods' results were written before this was raised."""
+
+
+class Outcomes:
+    """The methods' results as they finish. A method that fails is recorded (its traceback in OUT/failures.log)
+    and the others go on, so one failure never takes the finished results with it."""
+
+    def __init__(self, out: Path):
+        self.out, self.results, self.predictions, self.failures = Path(out), [], {}, {}
+
+    def attempt(self, names: list[str], run) -> bool:
+        """run() -> (results, predictions) of the methods `names`; False (and recorded) if it raised."""
+        import traceback
+
+        try:
+            results, predictions = run()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of one method is reported, not fatal to the others
+            line = " ".join(f"{type(exc).__name__}: {exc}".split())
+            self.failures |= {name: line for name in names}
+            log = self.out / "failures.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a", encoding="utf-8") as f:
+                f.write(f"== {', '.join(names)}\n{traceback.format_exc()}\n")
+            print(f"{', '.join(names)} failed: {line}", flush=True)
+            return False
+        self.results += results
+        self.predictions |= predictions
+        return True
+
+    def fail(self, names: list[str], why: str) -> None:
+        """Record methods that cannot run (a method they depend on did not finish)."""
+        self.failures |= {name: why for name in names}
+        print(f"{', '.join(names)} not run: {why}", flush=True)
+
+    def raise_failures(self) -> None:
+        if self.failures:
+            what = "; ".join(f"{name}: {line}" for name, line in self.failures.items())
+            raise MethodsFailed(f"{len(self.failures)} method(s) failed ({what}); the finished methods' results "
+                                f"are in {self.out}, tracebacks in {self.out / 'failures.log'}")
+
+
 @dataclass
 class MethodResult:
     method: str
@@ -58,6 +102,7 @@ def write_results(out: Path, task: Task, results: list[MethodResult], run_info: 
     methods = {r.method: asdict(r) | ({"ratio": ratios[r.method]} if ratios and r.method in ratios else {})
                for r in results}
     doc = {"task": task.name, **run_info, "methods": methods, **(extra or {})}
+    failed = (extra or {}).get("failed")
     write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
     info = "\n".join(f"- {k}: {v}" for k, v in run_info.items())
     note = ""
@@ -66,6 +111,8 @@ def write_results(out: Path, task: Task, results: list[MethodResult], run_info: 
         note = (f"\n\nRatio: each method's {task.metrics[0]} over the best prompt baseline's ({base}) on the same "
                 f"users{' (inverted: lower MAE is better)' if not task.higher_is_better else ''}, with a 95% paired "
                 "bootstrap interval over users.")
+    if failed:
+        note += "\n\nFailed (no result): " + "; ".join(f"{name}: {line}" for name, line in failed.items())
     md = f"# {task.name} ({task.title})\n\n{info}\n\n{markdown_table(task, results, ratios)}{note}\n"
     if appendix:
         md += "\n" + appendix.rstrip("\n") + "\n"

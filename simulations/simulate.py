@@ -25,49 +25,89 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fedhydra.common import settings
 from fedhydra.common.config import HydraConfig
+from fedhydra.common.pipeline import MODES
 from fedhydra.common.llm import default_cache_dir, llm_from_settings
 from fedhydra.common.partition import federated_split, load_users
 from fedhydra.common.prompts import default_style
 from fedhydra.common.tasks import Task
 from fedhydra.server.privacy_statement import markdown_lines
 
-from .compare import PROMPT_BASELINES, REFERENCES, llm_candidates, ratios, references, run_baselines, run_method
+from .compare import PROMPT_BASELINES, REFERENCES, ratios, run_baselines, run_references, run_method
+from fedhydra.client.state import ClientState, check_origin, partition_origin
+
 from .app_folder import CLIENTAPP, write_app
 from .deployment import Deployment
-from .results import MethodResult, markdown_table, write_results
+from .results import MethodResult, Outcomes, markdown_table, write_results
 
-FEDERATED = ("hydra", "hydra-local", "hydra-fed")
+FEDERATED = ("hydra-local", "hydra-fed")  # besides the centralized methods evaluate runs too
 
 
-def run_federated(values: dict, out: Path, parallel: int = 0, clientapp: str = CLIENTAPP,
-                  files: dict[str, str] | None = None, echo=print) -> dict:
-    """`flwr run` of the app on a local simulation SuperLink with one virtual node per client; returns federated.json."""
-    import torch
+def federated_plan(values: dict, out: Path, parallel: int = 0, given: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The Flower run's settings and the simulation runtime's options, decided before anything starts.
 
+    Every simulated client gets an equal share of the cores for torch and the LLM (threads, llm-threads), unless
+    the user gave those flags (`given`): an explicit flag always wins. The choice is printed by run_federated.
+    """
     n = int(values["clients"]) + int(values["test-clients"])
     cores = os.cpu_count() or 1
     parallel = max(1, min(parallel or cores, n))
-    threads = max(1, cores // parallel)  # each client runs its LLM and torch on its share of the cores
-    fed = values | {"out": str(out / "federated"), "state-root": str(out / "clients"), "min-nodes": n,
-                    "threads": threads, "llm-threads": threads}
+    share = max(1, cores // parallel)
+    fed = values | {"out": str(out / "federated"), "state-root": str(out / "clients"), "min-nodes": n}
+    fed |= {k: share for k in ("threads", "llm-threads") if k not in given}
+    options = {"num-supernodes": n, "client-resources-num-cpus": share, "init-args-num-cpus": cores}
+    import torch
+
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        options |= {"client-resources-num-gpus": gpus / parallel, "init-args-num-gpus": gpus}
+    return fed, options
+
+
+def check_client_states(fed: dict) -> None:
+    """Refuse at once a state root that holds another run's clients (each client would refuse it, later)."""
+    root = Path(fed["state-root"])
+    for pid in range(int(fed["clients"]) + int(fed["test-clients"])):
+        folder = root / f"client-{pid}"
+        if (folder / "client.json").is_file():
+            check_origin(folder, ClientState(folder).origin, partition_origin(fed, pid))
+
+
+def run_federated(values: dict, out: Path, parallel: int = 0, clientapp: str = CLIENTAPP,
+                  files: dict[str, str] | None = None, echo=print, given: tuple[str, ...] = ()) -> dict:
+    """`flwr run` of the app on a local simulation SuperLink with one virtual node per client; returns federated.json."""
+    fed, options = federated_plan(values, out, parallel, given)
+    echo(f"{options['num-supernodes']} simulated clients, {options['client-resources-num-cpus']} CPU(s) each; "
+         f"threads {fed['threads']}, llm-threads {fed['llm-threads']}"
+         f"{'' if {'threads', 'llm-threads'} <= set(given) else ' (automatic share of the cores unless given)'}")
     if fed["resume"]:  # refuse a resume under other settings here, before starting anything
         from fedhydra.server import checkpoint
 
         checkpoint.load(Path(fed["out"]) / "checkpoint", checkpoint.fingerprint(fed))
+    check_client_states(fed)
     app = write_app(out / "flower" / "app", fed, clientapp=clientapp, files=files)
-    options = {"num-supernodes": n, "client-resources-num-cpus": threads, "init-args-num-cpus": cores}
-    if torch.cuda.is_available():
-        options |= {"client-resources-num-gpus": torch.cuda.device_count() / parallel,
-                    "init-args-num-gpus": torch.cuda.device_count()}
     with Deployment(out / "flower", simulation=True, log=echo) as deployment:
         deployment.start_superlink()
         info = deployment.run(app, echo=echo, federation_config=options)
     path = out / "federated" / "federated.json"
     if info.get("status") != "finished:completed" or not path.is_file():
-        raise RuntimeError(f"the federated run ended with status {info.get('status')}; "
-                           f"see {deployment.logs / 'flwr-run.log'}")
+        raise RuntimeError(f"the federated run ended with status {info.get('status')}"
+                           f"{client_error(deployment.logs / 'flwr-run.log')}; see {deployment.logs / 'flwr-run.log'}")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def client_error(log: Path) -> str:
+    """': <the first ClientApp error>' from a run's log, or '' (the server's own error names no cause)."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        if "Error" in line and ("ClientApp" in line or "fedhydra" in line or "StateError" in line
+                                or "DataError" in line):
+            return ": " + line.strip()[:400]
+    return ""
 
 
 def fed_result(task: Task, doc: dict, wall: float) -> MethodResult:
@@ -102,68 +142,88 @@ def run_local(task: Task, llm, groups: list, cfg: HydraConfig):
     return result, rows
 
 
-def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False, clientapp: str = CLIENTAPP,
-                     files: dict[str, str] | None = None) -> Path:
-    """Everything `fedhydra simulate` and `fedhydra demo` do; `clientapp` / `files`: the ClientApp component
-    to run and extra files for the app folder (tests wrap FedHydra's ClientApp with a recording mod)."""
-    from .evaluate import check_methods, run_hydra
+def simulation_plan(args: argparse.Namespace, values: dict) -> dict:
+    """What `fedhydra simulate` will run, decided (and checked) before anything starts: the methods, the folders,
+    the users of each role, the centralized config and the Flower run's settings. Every flag lands here."""
+    from .evaluate import check_methods
 
-    t0 = time.perf_counter()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     check_methods(methods, extra=FEDERATED)
     out = Path(args.out).expanduser().resolve()
     split = load_users(values)
-    task = split.task
     parts = federated_split(split, values)
     test_groups = [users for role, users in parts if role == "test"]
-    train_users = [u for role, users in parts if role == "train" for u in users]
-    test_users = [u for group in test_groups for u in group]
-    if not test_users:
+    if not test_groups:
         raise ValueError("--test-clients must be at least 1: the methods are compared on the test clients' users")
     values = values | {"cache-dir": str(default_cache_dir(values["cache-dir"] or None).resolve()),
-                       "task": task.name}
+                       "task": split.task.name}
     cfg = HydraConfig.from_settings(values)
-    # centralized and local HYDRA train as long as a federated client: rounds x epochs per round
-    central = replace(cfg, epochs=values["rounds"] * cfg.epochs)
+    given = tuple(settings.from_args(args))
+    fed, options = federated_plan(values, out, args.parallel, given)
+    if "hydra-fed" in methods:
+        check_client_states(fed)
+    return {"methods": methods, "out": out, "parallel": args.parallel, "task": split.task, "values": values,
+            "parts": parts, "test_groups": test_groups, "given": given,
+            "train_users": [u for role, users in parts if role == "train" for u in users],
+            "test_users": [u for group in test_groups for u in group],
+            "config": cfg, "central": replace(cfg, epochs=values["rounds"] * cfg.epochs),  # as long as a client
+            "federated": fed, "runtime": options}
+
+
+def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False, clientapp: str = CLIENTAPP,
+                     files: dict[str, str] | None = None) -> Path:
+    """Everything `fedhydra simulate` and `fedhydra demo` do; `clientapp` / `files`: the ClientApp component
+    to run and extra files for the app folder (tests wrap FedHydra's ClientApp with a recording mod).
+    A method that fails does not stop the others; the finished ones' results are written, then the failure
+    is reported (results.MethodsFailed)."""
+    from .evaluate import run_hydra
+
+    t0 = time.perf_counter()
+    plan = simulation_plan(args, values)
+    methods, out, task, values, cfg = plan["methods"], plan["out"], plan["task"], plan["values"], plan["config"]
+    test_users, parts = plan["test_users"], plan["parts"]
     llm = llm_from_settings(values)
     print(f"FedHydra {'demo' if demo else 'simulate'}: {task.name}, {len(parts)} clients ({values['clients']} train, "
           f"{values['test-clients']} test, {values['users-per-client']} user(s) each), strategy {values['strategy']}, "
           f"{values['rounds']} rounds per module, LLM {llm.name}, preset {cfg.preset}", flush=True)
 
-    results, predictions, extra = [], {}, {"config": cfg.as_dict(), "settings": values}
-    baselines = [m for m in methods if m.startswith(PROMPT_BASELINES)]
-    if baselines:
-        r, p = run_baselines(task, test_users, baselines, llm, seed=cfg.seed, style=cfg.style_or_none)
-        results += r
-        predictions |= p
-    if "hydra" in methods:
-        r, p, report, _ = run_hydra(task, llm, train_users, test_users, ["hydra"], central)
-        results += r
-        predictions |= p
-        extra["hydra training"] = report
+    done, extra = Outcomes(out), {"config": cfg.as_dict(), "settings": values}
+    baselines = [m for m in methods if m.startswith(PROMPT_BASELINES + ("icl-random-",))]
+    for name in baselines:
+        done.attempt([name], lambda name=name: run_baselines(task, test_users, [name], llm, seed=cfg.seed,
+                                                              style=cfg.style_or_none))
+    central = [m for m in methods if m in MODES]
+    if central:
+        def _central():
+            r, p, report, _ = run_hydra(task, llm, plan["train_users"], test_users, central, plan["central"])
+            extra["hydra training"] = report
+            return r, p
+        done.attempt(central, _central)
     if "hydra-local" in methods:
-        r, rows = run_local(task, llm, test_groups, central)
-        results.append(r)
-        predictions["hydra-local"] = rows
+        def _local():
+            r, rows = run_local(task, llm, plan["test_groups"], plan["central"])
+            return [r], {"hydra-local": rows}
+        done.attempt(["hydra-local"], _local)
     refs = [m for m in methods if m in REFERENCES]
-    if refs:
-        r, p = references(task, test_users, refs, llm_candidates(predictions.get("hydra", [])))
-        results += r
-        predictions |= p
+    run_references(done, task, test_users, refs)
     if "hydra-fed" in methods:
         print("federated run (Flower's simulation runtime, flwr run):", flush=True)
         t1 = time.perf_counter()
-        doc = run_federated(values, out, args.parallel, clientapp, files)
-        extra["federated"] = doc
-        if doc["status"] == "done":
-            results.append(fed_result(task, doc, time.perf_counter() - t1))
-            from .plots import plot_rounds
 
-            plot_rounds(doc["rounds"], out, f"{task.name}, {len(parts)} clients")
-        elif doc["status"].startswith("stopped after"):
-            print(f"federated run {doc['status']}; rerun with --resume true to finish it", flush=True)
-        else:
-            print(f"federated run ended: {doc['status']}", flush=True)
+        def _federated():
+            doc = run_federated(values, out, plan["parallel"], clientapp, files, given=plan["given"])
+            extra["federated"] = doc
+            if doc["status"] == "done":
+                from .plots import plot_rounds
+
+                plot_rounds(doc["rounds"], out, f"{task.name}, {len(parts)} clients")
+                return [fed_result(task, doc, time.perf_counter() - t1)], {}
+            if doc["status"].startswith("stopped after"):
+                print(f"federated run {doc['status']}; rerun with --resume true to finish it", flush=True)
+                return [], {}
+            raise RuntimeError(f"the federated run ended: {doc['status']}")
+        done.attempt(["hydra-fed"], _federated)
+    results, predictions = done.results, done.predictions
     order = {m: i for i, m in enumerate(methods)}
     results.sort(key=lambda r: order.get(r.method, len(order)))
     info = {"data": values["data"] or "synthetic", "clients": f"{values['clients']} train + {values['test-clients']} "
@@ -190,6 +250,9 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
                           "baseline": base}
     privacy = extra.get("federated", {}).get("privacy")
     appendix = "\n".join(markdown_lines(privacy)) if privacy else ""
+    if done.failures:
+        extra["failed"] = done.failures
     md = write_results(out, task, results, info, predictions, extra=extra, ratios=q, appendix=appendix)
     print("\n" + markdown_table(task, results, q) + f"\n\nresults: {md}")
+    done.raise_failures()
     return out

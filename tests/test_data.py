@@ -284,3 +284,18 @@ def test_split_users_refuses_too_few_users_and_duplicates():
         split_users(_users(3) + _users(1), 1, 1, seed=0)
     with pytest.raises(ValueError, match=r"must not be negative"):
         split_users(_users(3), -1, 1, seed=0)
+
+
+def test_the_profile_size_partitioner_groups_users_of_similar_history_length():
+    from fedhydra.common.partition import partition_users
+    from fedhydra.common.records import User
+
+    sizes = {"a": 9, "b": 1, "c": 5, "d": 2, "e": 8, "f": 5, "g": 1}
+    users = [User(id=u, input="q", profile=[{"id": f"{u}{i}", "text": "t"} for i in range(n)], gold="x")
+             for u, n in sizes.items()]
+    groups = partition_users(users, users_per_client=2, by="profile-size", seed=3)
+    assert [[u.id for u in g] for g in groups] == [["b", "g"], ["d", "c"], ["f", "e"], ["a"]]
+    assert [[len(u.profile) for u in g] for g in groups] == [[1, 1], [2, 5], [5, 8], [9]]
+    # unlike the id partitioner, the seed does not change it
+    assert partition_users(users, 2, "profile-size", seed=4) == groups
+    assert [[u.id for u in g] for g in partition_users(users, 2, "id", seed=3)] != [[u.id for u in g] for g in groups]

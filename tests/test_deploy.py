@@ -15,6 +15,7 @@ Select with `pytest -m deploy`; each test is a few minutes of CPU-bound ClientAp
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -48,6 +49,26 @@ def shared(tmp_path_factory):
     return {"root": root, "certs": root / "certs", "states": root / "clients"}
 
 
+def _processes_naming(*paths: Path, grace: float = 20.0) -> list[str]:
+    """Command lines of live processes that name any of `paths`, after up to `grace` s for them to exit (Flower's
+    superexec children exit a few seconds after their parent)."""
+    needles = [str(p) for p in paths]
+    deadline = time.monotonic() + grace
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (proc / "stat").read_text().split(")")[-1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z" and proc.name.isdigit() and int(proc.name) != os.getpid() and any(n in cmd for n in needles):
+                found.append(cmd)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def _rounds(out: Path) -> list[dict]:
     doc = json.loads((out / "federated.json").read_text(encoding="utf-8"))
     return doc["rounds"]
@@ -70,7 +91,8 @@ def test_deploy_command_tls_two_nodes_two_rounds(shared):
     for r in rounds:
         assert r["clients"] == 2 and len(r["bytes"]) == 2, r
         assert all(b["up"] > 0 and b["down"] > 0 for b in r["bytes"].values())
-    # Every process the command started is gone (it runs each in its own session).
+    # Every process the command started is gone: none names its workdir, certificates or state folders.
+    assert _processes_naming(work, shared["certs"], shared["states"]) == []
     logs = work / "logs"
     assert (logs / "superlink.log").is_file() and (logs / "node-0.log").is_file()
     assert "Forked ClientApp process" in (logs / "node-0-executor.log").read_text(encoding="utf-8")

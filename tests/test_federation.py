@@ -144,12 +144,32 @@ def test_rounds_carry_one_module_down_and_up(uninterrupted):
     assert all(r["clients"] == 3 for r in doc["rounds"])
     ev = doc["evaluation"]
     assert ev["users"] == 1 and ev["clients"] == 1
-    assert 0.0 <= ev["metrics"]["accuracy"] <= 1.0
+    assert ev["metrics"]["accuracy"] == _answer_from_state(uninterrupted[0] / "clients" / "client-3")
     # a train message carries exactly the module it trains: down equals up, one module's shared part
     full = 2 * sum(p.numel() * 4 for p in HydraModels.new(get_config("cpu")).reranker.encoder.parameters())
     for r in doc["rounds"]:
         for b in r["bytes"].values():
             assert 0 < b["up"] <= 0.2 * full and b["down"] == b["up"]
+
+
+def _answer_from_state(folder: Path) -> float:
+    """The accuracy of the unseen user's answer, recomputed from what its client kept (fitted heads, margin, the
+    LLM answers in its own cache): what the server was told must be what the client's state answers."""
+    from fedhydra.client import trainer
+    from fedhydra.common.metrics import evaluate
+    from fedhydra.common.pipeline import HydraPipeline
+    from fedhydra.common.retrieval import Retriever
+
+    state = ClientState(folder)
+    cfg, models = state.config(), state.load_models()
+    margin = None if cfg.margin == "off" else cfg.margin
+    llm = trainer.client_llm(state, settings.resolve(TINY))
+    [user] = state.users("test")
+    pipe = HydraPipeline(state.task, llm, Retriever(state.task), models.reranker, models.adapter, cfg, margin)
+    calls = llm.stats.calls
+    answer = pipe.answer(user, "full").text
+    assert llm.stats.calls == calls, "the answer is recomputed from the client's cached LLM replies"
+    return evaluate(state.task, [answer], [user.gold])["accuracy"]
 
 
 @functools.cache
