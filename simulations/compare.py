@@ -142,9 +142,10 @@ def ratios(task: Task, predictions: dict[str, list[dict]], seed: int = 0) -> dic
     for m, v in values.items():
         num, den = (v, values[best]) if higher else (values[best], v)
         point = num.mean() / den.mean() if den.mean() else float("nan")
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose baseline scores 0: no ratio
             boot = num[idx].mean(1) / den[idx].mean(1)
-        lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+            boot[~np.isfinite(boot)] = np.nan
+            lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if not np.isnan(boot).all() else (np.nan, np.nan)
         out[m] = {"ratio": round(float(point), 4), "low": round(float(lo), 4), "high": round(float(hi), 4),
                   "baseline": best}
     return out

@@ -50,6 +50,8 @@ def federated_plan(values: dict, out: Path, parallel: int = 0, given: tuple[str,
     Every simulated client gets an equal share of the cores for torch and the LLM (threads, llm-threads), unless
     the user gave those flags (`given`): an explicit flag always wins. The choice is printed by run_federated.
     """
+    import torch
+
     n = int(values["clients"]) + int(values["test-clients"])
     cores = os.cpu_count() or 1
     parallel = max(1, min(parallel or cores, n))
@@ -57,8 +59,6 @@ def federated_plan(values: dict, out: Path, parallel: int = 0, given: tuple[str,
     fed = values | {"out": str(out / "federated"), "state-root": str(out / "clients"), "min-nodes": n}
     fed |= {k: share for k in ("threads", "llm-threads") if k not in given}
     options = {"num-supernodes": n, "client-resources-num-cpus": share, "init-args-num-cpus": cores}
-    import torch
-
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         options |= {"client-resources-num-gpus": gpus / parallel, "init-args-num-gpus": gpus}
