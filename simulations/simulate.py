@@ -65,8 +65,13 @@ def federated_plan(values: dict, out: Path, parallel: int = 0, given: tuple[str,
     return fed, options
 
 
-def check_client_states(fed: dict) -> None:
-    """Refuse at once a state root that holds another run's clients (each client would refuse it, later)."""
+def check_federated_start(fed: dict) -> None:
+    """Refuse at once what the Flower run would refuse later: a resume under other settings, and a state root that
+    holds another run's clients (each client would refuse its folder, after the baselines had run)."""
+    if fed["resume"]:
+        from fedhydra.server import checkpoint
+
+        checkpoint.load(Path(fed["out"]) / "checkpoint", checkpoint.fingerprint(fed))
     root = Path(fed["state-root"])
     for pid in range(int(fed["clients"]) + int(fed["test-clients"])):
         folder = root / f"client-{pid}"
@@ -81,11 +86,7 @@ def run_federated(values: dict, out: Path, parallel: int = 0, clientapp: str = C
     echo(f"{options['num-supernodes']} simulated clients, {options['client-resources-num-cpus']} CPU(s) each; "
          f"threads {fed['threads']}, llm-threads {fed['llm-threads']}"
          f"{'' if {'threads', 'llm-threads'} <= set(given) else ' (automatic share of the cores unless given)'}")
-    if fed["resume"]:  # refuse a resume under other settings here, before starting anything
-        from fedhydra.server import checkpoint
-
-        checkpoint.load(Path(fed["out"]) / "checkpoint", checkpoint.fingerprint(fed))
-    check_client_states(fed)
+    check_federated_start(fed)
     app = write_app(out / "flower" / "app", fed, clientapp=clientapp, files=files)
     with Deployment(out / "flower", simulation=True, log=echo) as deployment:
         deployment.start_superlink()
@@ -161,7 +162,7 @@ def simulation_plan(args: argparse.Namespace, values: dict) -> dict:
     given = tuple(settings.from_args(args))
     fed, options = federated_plan(values, out, args.parallel, given)
     if "hydra-fed" in methods:
-        check_client_states(fed)
+        check_federated_start(fed)
     return {"methods": methods, "out": out, "parallel": args.parallel, "task": split.task, "values": values,
             "parts": parts, "test_groups": test_groups, "given": given,
             "train_users": [u for role, users in parts if role == "train" for u in users],
