@@ -95,10 +95,10 @@ def install(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context) -> Message:
     values, state, cfg, say = _setup(context)
-    ask = p.TrainRequest.unpack(msg, int(values["rounds"]))
+    request = p.TrainRequest.unpack(msg, int(values["rounds"]))
     llm = trainer.client_llm(state, values)
-    arrays, metrics = trainer.train_round(state, llm, cfg, ask.module, ask.arrays, ask.server_round,
-                                          ask.reranker_digest, proximal_mu=ask.proximal_mu, say=say,
+    arrays, metrics = trainer.train_round(state, llm, cfg, request.module, request.arrays, request.server_round,
+                                          request.reranker_digest, proximal_mu=request.proximal_mu, say=say,
                                           privacy=DPSettings.from_settings(values))
     return p.reply(msg, metrics, arrays)
 

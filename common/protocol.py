@@ -17,11 +17,11 @@ Under SecAgg+ the train message travels as Flower's legacy fit message (client/t
 arrays' names in the config under ARRAY_NAMES.
 
 Round numbers. A train message carries one: Flower's SERVER_ROUND, which Flower's strategy writes into every
-train message it configures; we pass it the round of the module's own strategy (1..R for each module),
-because Flower's arithmetic is per strategy (FedAdam's and FedYogi's bias correction, the DP wrapper's
-pending privacy events), so a second number would be needed otherwise. The run's round (reranker 1..R,
-adapter R+1..2R: the seeds, checkpoints, logs and the privacy ledger use it) is derived from it on both
-sides with `run_round` (the client knows R: the `rounds` setting). FedHydra's own "round" key was dropped.
+train message it configures (FedHydra's own "round" key, which duplicated it, was dropped). Its value is the
+round of the module's own strategy (1..R for each module): each module has a fresh strategy whose arithmetic
+counts from 1 (FedAdam's bias correction uses the round), so passing it the run's round would change results.
+The run's round (reranker 1..R, adapter R+1..2R; seeds, checkpoints, logs and the privacy ledger use it) is
+derived on both sides with `run_round` (the client knows R: its `rounds` setting, checked against the message).
 
 Flower and numpy are imported inside the helpers, not here: the names are also read by the CLI's parser and
 the service client, which start without them.

@@ -19,6 +19,11 @@ Two kinds of training data:
 Optimisation is HYDRA's (the HF Trainer defaults it ran with): AdamW (betas 0.9/0.999, eps 1e-8),
 linear decay to 0 without warmup, weight decay on all but biases and LayerNorm weights,
 gradient-norm clipping at 1.0. `proximal_mu` adds FedProx's proximal term on the shared layers.
+
+One loop (`_optimise`) runs every stage: seeding, heads, parameter groups, AdamW and its schedule, the
+epochs and the report are written once. A stage differs only in its step (`_train_step`, `_fit_step`) and,
+for record-level DP, in its batches and step, which client/privacy.py's RecordDPSGD supplies as
+train_stage's `private` option (PrivateSteps).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The Flower ServerApp: Flower's strategies train the shared bases, then unseen users' clients fit and answer.
+Every message is packed and read with common/protocol.py (its kinds, keys and round numbers).
 
-1. Ask every node what it holds (query.describe): train users, unseen test users, the task.
+1. Ask every node what it holds (DESCRIBE): train users, unseen test users, the task.
 2. Train stage, one Flower strategy per module (server/strategy.py): rounds 1..R train the reranker,
    R+1..2R the adapter. A train message carries exactly the module it trains, and the reply returns
    the same arrays, so Flower's mods and DP wrappers apply. Before the adapter rounds the final
-   reranker is installed on the train clients (query.install): the adapter's labels come from prompts
+   reranker is installed on the train clients (INSTALL): the adapter's labels come from prompts
    built with it. A checkpoint (arrays + strategy state) is written after every round.
    Privacy (PRIVACY.md): dp=user wraps the FedAvg in Flower's accounted central-DP wrapper
    (server/central_dp.py) and keeps the privacy ledger in the checkpoint; a round that would pass
@@ -12,8 +13,8 @@
    through Flower's SecAgg+ workflow (server/secagg.py). Every such run states its guarantee in
    federated.json's "privacy" section (server/privacy_statement.py).
 3. Calibration (adapter-margin auto): train clients score held-out training queries with the final
-   adapter and return additive sums per margin; the server picks the margin (evaluate.calibrate).
-4. Fit-and-evaluate: the final bases go to the test clients, which fit their users' heads locally and
+   adapter and return additive sums per margin; the server picks the margin (CALIBRATE).
+4. Fit-and-evaluate (EVALUATE): the final bases go to the test clients, which fit their users' heads locally and
    return additive metric statistics; summed, they give the task's metrics over all test users.
 Everything lands in OUT/federated.json (per-round metrics, bytes per client per round).
 """
@@ -79,7 +80,7 @@ def discover(grid: Grid, values: dict) -> dict[int, p.Description]:
                                f"within {values['node-wait']:.0f} s")
         time.sleep(1.0)
     roles = {}
-    for r in _send(grid, [p.describe_request(n) for n in nodes], values, "describe"):
+    for r in _send(grid, [p.describe_request(n) for n in nodes], values, p.DESCRIBE.message_type):
         node = roles[r.metadata.src_node_id] = p.Description.unpack(r)
         if values["task"] and node.task != values["task"]:
             raise RuntimeError(f"node {r.metadata.src_node_id} holds {node.task} users, but the run is for "
@@ -167,7 +168,7 @@ def install(grid: Grid, values: dict, nodes: list[int], arrays: dict[str, np.nda
 
 def calibrate(grid: Grid, values: dict, nodes: list[int], adapter: dict[str, np.ndarray]) -> dict:
     """The adapter margin chosen from the train clients' additive sums over held-out training queries."""
-    replies = _send(grid, [p.calibrate_request(n, adapter) for n in nodes], values, "calibrate")
+    replies = _send(grid, [p.calibrate_request(n, adapter) for n in nodes], values, p.CALIBRATE.message_type)
     choice = pick_margin(p.summed(replies))
     _log(f"adapter margin {choice['margin']} from {choice['queries']} held-out queries on {len(replies)} clients")
     return choice

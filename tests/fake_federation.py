@@ -117,19 +117,19 @@ class FakeFederation(NodesGrid):
         return p.describe_reply(msg, 1, 0, "LaMP_2M")
 
     def _train(self, msg: Message, context: Context) -> Message:
-        ask = p.TrainRequest.unpack(msg, int(self.values["rounds"]))
-        step = raw_update(context.node_id, ask.server_round, ask.arrays, float(self.values["dp-clip"]))
-        new = {k: v + step[k] for k, v in ask.arrays.items()}
-        self.raw.append({"node": context.node_id, "round": ask.server_round, "update": step})
+        request = p.TrainRequest.unpack(msg, int(self.values["rounds"]))
+        step = raw_update(context.node_id, request.server_round, request.arrays, float(self.values["dp-clip"]))
+        new = {k: v + step[k] for k, v in request.arrays.items()}
+        self.raw.append({"node": context.node_id, "round": request.server_round, "update": step})
         metrics = {p.NUM_EXAMPLES: 17, p.USERS: 1, p.LOSS: 0.6931, p.ACCURACY: 0.5, p.LLM_CALLS: 4, p.TOKENS: 321,
                    p.CACHE_HITS: 0, p.SECONDS: 0.01}
         return p.reply(msg, metrics, new)
 
     def _record_inner(self, msg: Message, context: Context, call_next) -> Message:
-        ask = p.TrainRequest.unpack(msg, int(self.values["rounds"]))
+        request = p.TrainRequest.unpack(msg, int(self.values["rounds"]))
         reply = call_next(msg, context)
-        self.inner.append({"node": context.node_id, "round": ask.server_round,
-                           "sent": {k: a.copy() for k, a in ask.arrays.items()},
+        self.inner.append({"node": context.node_id, "round": request.server_round,
+                           "sent": {k: a.copy() for k, a in request.arrays.items()},
                            "returned": {k: a.copy() for k, a in p.arrays_of(reply).items()}})
         return reply
 
