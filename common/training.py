@@ -260,7 +260,8 @@ def _optimise(model: HydraScorer, examples: list[Example], *, base: bool, init: 
               private: PrivateSteps | None = None) -> dict:
     """The one training loop of every stage. `base`: the train stage (trainable base layers, user heads and
     the default head, loss of both heads); else the fit stage (user heads only, on features computed once).
-    `init`: how a user's head starts ("new": only a missing one, from the default head; else fit_stage's)."""
+    `init`: how a user's head starts: "new" (the train stage) and "keep" leave an existing head as it is and
+    start a missing one from the default head; "default" and "random" (re)start every head (see fit_stage)."""
     examples = [e for e in examples if not getattr(e, "held_out", False)]
     check_args(examples, epochs, batch_size, [lr, head_lr])
     if private is not None and not base:
@@ -271,10 +272,9 @@ def _optimise(model: HydraScorer, examples: list[Example], *, base: bool, init: 
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)  # dropout and order are reproducible; the caller's RNG is untouched
         for uid in users:
-            if init == "new" and not model.has_user(uid):
-                model.add_user(uid, from_default=True)
-            elif init not in ("new", "keep") or not model.has_user(uid):
-                model.add_user(uid, replace=True, from_default=init != "random")
+            if init in ("new", "keep") and model.has_user(uid):
+                continue  # the head trains on from where it is
+            model.add_user(uid, replace=init != "new", from_default=init != "random")
         heads = [model.head(uid) for uid in users] + ([model.heads[DEFAULT_HEAD]] if base else [])
         groups = ((param_groups(model.shared_modules(), lr, weight_decay) if base else [])
                   + param_groups(heads, head_lr or lr, weight_decay))
