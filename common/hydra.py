@@ -21,12 +21,12 @@ import torch
 from . import labels, selection, training
 from .config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
 from .llm.base import LLM
+from .protocol import ADAPTER, BASE_PART, HEAD_PART, MODULES, RERANKER, array_key, split_array_key
 from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
 from .tasks import Task
 
-MODULES = ("reranker", "adapter")
 Say = Callable[[str], None]
 
 
@@ -71,11 +71,11 @@ def optim_args(cfg: HydraConfig, stage: str = "train") -> dict:
 
 def make_labels(task: Task, llm: LLM, retriever: Retriever, users: list[User], cfg: HydraConfig,
                 reranker: HydraScorer | None, which: str, real_queries: bool, say: Say | None = None) -> list:
-    """Reranker (`which="reranker"`) or adapter examples for `users`, made from their history."""
+    """Reranker (`which=RERANKER`) or adapter examples for `users`, made from their history."""
     out = []
     for i, user in enumerate(users, 1):
         pqs = labels.pseudo_queries(task, llm, user, cfg, real_query=real_queries)
-        if which == "reranker":
+        if which == RERANKER:
             out += labels.reranker_examples(task, llm, retriever, user, pqs, cfg)
         else:
             out += labels.adapter_examples(task, llm, retriever, user, pqs, cfg, reranker)
@@ -88,11 +88,12 @@ def train(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hyd
           say: Say | None = None) -> dict:
     """The train stage on `users` (then the margin, when it is calibrated); returns per-module training metrics."""
     retriever, report = Retriever(task), {}
-    for which, model in (("reranker", models.reranker), ("adapter", models.adapter)):
+    for which in MODULES:
+        model = getattr(models, which)
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which,
                                cfg.include_train_queries, say)
         report[which] = training.train_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg))
-        if which == "adapter" and cfg.margin == MARGIN_AUTO:
+        if which == ADAPTER and cfg.margin == MARGIN_AUTO:
             report["calibration"] = selection.pick_margin(calibration_sums(task, models.adapter, examples))
         model.clear_cache()  # the frozen-feature cache pays off across epochs only; free it for what follows
         release_memory()
@@ -121,7 +122,8 @@ def fit(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hydra
         say: Say | None = None) -> dict:
     """The fit stage: each user's heads start from the default head and fit on their history; the bases stay frozen."""
     retriever, report = Retriever(task), {}
-    for which, model in (("reranker", models.reranker), ("adapter", models.adapter)):
+    for which in MODULES:
+        model = getattr(models, which)
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which, False, say)
         if examples:
             report[which] = training.fit_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg, "fit"))
@@ -138,8 +140,8 @@ def shared_arrays(models: HydraModels, modules: tuple[str, ...] = MODULES) -> di
     out = {}
     for name in modules:
         model = getattr(models, name)
-        out |= {f"{name}/base/{k}": v for k, v in model.shared_state().items()}
-        out |= {f"{name}/default-head/{k}": v for k, v in model.default_head_state().items()}
+        out |= {array_key(name, BASE_PART, k): v for k, v in model.shared_state().items()}
+        out |= {array_key(name, HEAD_PART, k): v for k, v in model.default_head_state().items()}
     return out
 
 
@@ -148,15 +150,12 @@ def load_shared_arrays(models: HydraModels, arrays: dict) -> tuple[str, ...]:
     it held. Any other key is an error: a payload must carry exactly these parameters."""
     by_module: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key, value in arrays.items():
-        parts = key.split("/", 2)
-        if len(parts) != 3 or parts[0] not in MODULES or parts[1] not in ("base", "default-head"):
-            raise ValueError(f"unexpected array {key!r} in a shared payload")
-        module, part, param = parts
+        module, part, param = split_array_key(key)
         by_module.setdefault(module, {}).setdefault(part, {})[param] = torch.as_tensor(value)
     for module, parts in by_module.items():
         model = getattr(models, module)
-        model.load_shared_state(parts.get("base", {}))
-        model.load_default_head_state(parts.get("default-head", {}))
+        model.load_shared_state(parts.get(BASE_PART, {}))
+        model.load_default_head_state(parts.get(HEAD_PART, {}))
     return tuple(m for m in MODULES if m in by_module)
 
 

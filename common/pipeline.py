@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from . import prompts, selection
 from .config import HydraConfig
 from .llm.base import LLM
+from .protocol import ADAPTER, ANSWER_MODES, FULL, RERANKER
 from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
 from .tasks import Task
 
-MODES = {"hydra": "full", "hydra-reranker": "reranker", "hydra-adapter": "adapter"}
+MODES = {"hydra": FULL, "hydra-reranker": RERANKER, "hydra-adapter": ADAPTER}  # method name -> answer mode
 NEUTRAL_PROMPT = (
     "Rewrite the following tweet as plain, neutral standard English, without slang, hashtags, mentions or "
     "emoticons. Answer with the rewritten sentence only.\nTweet: {text}"
@@ -96,23 +97,23 @@ class HydraPipeline:
     config: HydraConfig
     margin: float | None = 0.0  # adapter margin (None: always the greedy answer)
 
-    def candidates(self, user: User, mode: str = "full") -> tuple[list[dict], list[str]]:
+    def candidates(self, user: User, mode: str = FULL) -> tuple[list[dict], list[str]]:
         """(items in the prompt, greedy answer + B samples) for the user's query."""
         cfg, task = self.config, self.task
         items: list[dict] = []
-        if mode != "adapter":
+        if mode != ADAPTER:
             retrieved = self.retriever.top(user, task.content(user.input), cfg.retrieve)
             items = rerank(self.reranker, user.id, task, task.content(user.input), retrieved, cfg.k)
         messages = messages_for(task, self.llm, user.input, items, cfg.style_or_none, cfg.seed)
-        if mode == "reranker" or self.adapter is None:
+        if mode == RERANKER or self.adapter is None:
             text = self.llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS[task.kind],
                                      seed=cfg.seed)[0].strip()
             return items, [text]
         return items, sample_candidates(task, self.llm, messages, cfg.candidates, cfg.seed, cfg.temperature)
 
-    def answer(self, user: User, mode: str = "full") -> Answer:
-        if mode not in ("full", "reranker", "adapter"):
-            raise ValueError(f"unknown pipeline mode {mode!r}")
+    def answer(self, user: User, mode: str = FULL) -> Answer:
+        if mode not in ANSWER_MODES:
+            raise ValueError(f"unknown answer mode {mode!r}; modes: {', '.join(ANSWER_MODES)}")
         items, sampled = self.candidates(user, mode)
         if len(sampled) == 1:
             return Answer(text=sampled[0], items=items, candidates=sampled)

@@ -133,7 +133,7 @@ def run_local(task: Task, llm, groups: list, cfg: HydraConfig):
         report = train(task, llm, group, cfg, models)
         margin = resolve_margin(cfg, report.get("calibration", {}).get("margin", "off"))
         pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
-        answers |= {u.id: pipe.answer(u, "full") for u in group}
+        answers |= {u.id: pipe.answer(u) for u in group}  # the full pipeline
         users += group
         print(f"hydra-local: client {i}/{len(groups)} done", flush=True)
     result, rows = run_method("hydra-local", task, users, lambda u: answers[u.id], llm, progress=False)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from fedhydra.client.client_app import build_app
+from fedhydra.common.protocol import TrainRequest
 
 FOLDER = Path({folder!r})
 INNER = {inner!r}
@@ -85,7 +86,8 @@ def record_inner(msg, context, call_next):
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {{"sent|" + k.replace("/", "|"): a.numpy() for k, a in msg.content["arrays"].items()}}
         arrays |= {{"returned|" + k.replace("/", "|"): a.numpy() for k, a in reply.content["arrays"].items()}}
-        np.savez(folder / f"{{int(msg.content['config']['round'])}}-{{context.node_id}}.npz", **arrays)
+        server_round = TrainRequest.unpack(msg, int(context.run_config["rounds"])).server_round
+        np.savez(folder / f"{{server_round}}-{{context.node_id}}.npz", **arrays)
     return reply
 
 
