@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fedhydra.client.state import ClientState
 from fedhydra.client.train_mods import PUBLIC_TRAIN_METRICS
-from fedhydra.common import settings
+from fedhydra.common import protocol, settings
 from fedhydra.common.config import get_config
 from fedhydra.common.hydra import HydraModels, shared_arrays
 from fedhydra.common.partition import load_users
@@ -169,7 +169,7 @@ def _answer_from_state(folder: Path) -> float:
     [user] = state.users("test")
     pipe = HydraPipeline(state.task, llm, Retriever(state.task), models.reranker, models.adapter, cfg, margin)
     calls = llm.stats.calls
-    answer = pipe.answer(user, "full").text
+    answer = pipe.answer(user, protocol.FULL).text
     assert llm.stats.calls == calls, "the answer is recomputed from the client's cached LLM replies"
     return evaluate(state.task, [answer], [user.gold])["accuracy"]
 
