@@ -82,6 +82,12 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("llm-api-key-env", "OPENAI_API_KEY", "environment variable that holds the endpoint's API key", "llm"),
     _S("llm-threads", 1, "CPU threads of the embedded LLM (1: llama.cpp's 2-thread pool stalls on shared cores)",
        "llm"),
+    _S("llm-concurrency", 0, "LLM requests in flight together per process (0 = the backend's default: openai 16, "
+       "embedded 1); in a simulation each running client has its own, so size it as the endpoint's limit over "
+       "the clients that run at once (README)", "llm"),
+    _S("llm-rpm", 0.0, "openai: cap on requests per minute of this process (0 = none; 429s are obeyed anyway)",
+       "llm"),
+    _S("llm-tpm", 0.0, "openai: cap on tokens per minute of this process, prompt + completion (0 = none)", "llm"),
     _S("cache-dir", "", "LLM response cache folder ('' = $FEDHYDRA_CACHE_DIR or ~/.cache/fedhydra); in simulations "
        "every client reads through it, as through a provider that answers identical prompts once", "llm"),
     # --- federation (the ServerApp and ClientApp)

@@ -92,10 +92,10 @@ def run_local(task: Task, llm, groups: list, cfg: HydraConfig):
         report = train(task, llm, group, cfg, models)
         margin = resolve_margin(cfg, report.get("calibration", {}).get("margin", "off"))
         pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
-        answers |= {u.id: pipe.answer(u, "full") for u in group}
+        answers |= dict(zip([u.id for u in group], pipe.answer_many(group, "full")))
         users += group
         print(f"hydra-local: client {i}/{len(groups)} done", flush=True)
-    result, rows = run_method("hydra-local", task, users, lambda u: answers[u.id], llm, progress=False)
+    result, rows = run_method("hydra-local", task, users, lambda us: [answers[u.id] for u in us], llm, progress=False)
     used = llm.stats.minus(before)
     result.llm_calls, result.tokens, result.cache_hits = used.calls, used.tokens, used.cache_hits
     result.wall_s = round(time.perf_counter() - t0, 2)
