@@ -3,6 +3,7 @@ OpenAI-compatible HTTP server on 127.0.0.1 (common/llm/bench_endpoint.py) that a
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -199,3 +200,48 @@ def test_cache_coalesces_identical_requests_under_the_pool(endpoint, tmp_path):
     got = fan_out(llm, lambda i: llm.complete(msgs(i), seed=0), asks)
     assert got == [[answer_for({"messages": msgs(i), "max_tokens": 64, "temperature": 0.0})] for i in asks]
     assert ep.stats()["served"] == 3 and llm.stats.calls == 3 and llm.stats.cache_hits == 21
+
+
+# --- the stages: same labels, answers, row order and cache keys at any concurrency -------------
+
+def _stage_outputs(url: str, cache, concurrency: int) -> dict:
+    import sqlite3
+
+    from fedhydra.common.config import get_config
+    from fedhydra.common.hydra import make_labels
+    from fedhydra.common.llm import make_llm
+    from fedhydra.common.pipeline import HydraPipeline
+    from fedhydra.common.retrieval import Retriever
+    from fedhydra.common.synthetic import make_synthetic
+    from fedhydra.simulations.compare import run_baselines
+
+    split = make_synthetic("LaMP_7", n_users=4, seed=1, profile_size=(6, 8))
+    task, users = split.task, split.users
+    cfg = get_config("cpu", pseudo_queries=2, retrieve=3, k=2, candidates=3)
+    llm = make_llm("openai", base_url=url, model="m", cache_dir=cache, concurrency=concurrency, **TINY)
+    said: list[str] = []
+    labels = {w: make_labels(task, llm, Retriever(task), users, cfg, None, w, True, said.append)
+              for w in ("reranker", "adapter")}
+    _, predictions = run_baselines(task, users, ["zero-shot", "rag-2"], llm, progress=False)
+    pipe = HydraPipeline(task, llm, Retriever(task), None, None, cfg, None)
+    answers = [(a.text, a.candidates) for a in pipe.answer_many(users, "reranker")]
+    with sqlite3.connect(cache / "responses.sqlite3") as db:
+        keys = sorted(k for (k,) in db.execute("SELECT key FROM responses"))
+    return {"labels": repr(labels), "predictions": predictions, "answers": answers, "keys": keys,
+            "calls": llm.stats.calls, "said": said}
+
+
+def test_labels_answers_rows_and_cache_keys_do_not_depend_on_concurrency(endpoint, tmp_path):
+    ep = endpoint(latency=0.02)
+    one = _stage_outputs(ep.url, tmp_path / "c1", 1)
+    assert ep.stats(reset=True)["max_in_flight"] == 1
+    many = _stage_outputs(ep.url, tmp_path / "c8", 8)
+    assert ep.stats()["max_in_flight"] > 2
+    for what in ("labels", "predictions", "answers", "keys", "calls"):
+        assert one[what] == many[what], what
+    assert len(one["keys"]) > 20 and one["calls"] > len(one["keys"])  # n>1 asks: the server ignores n, seeded fallbacks
+    # progress: prompts done, the LLM's requests per second and the time left, at every tenth of the way
+    lines = [s for s in many["said"] if s.startswith("reranker labels:")]
+    assert 5 <= len(lines) <= 11
+    assert re.fullmatch(r"reranker labels: (\d+)/\1 prompts, \d+ LLM requests \([\d.]+/s\), about 00:00 left",
+                        lines[-1]), lines[-1]
