@@ -48,7 +48,8 @@ def client_llm(state: ClientState, values: dict) -> LLM:
     """The black-box LLM behind the client's own response cache. The cache-dir setting (simulations) is a
     second, read-through cache standing for the LLM provider's: identical prompts from the centralized
     baseline and other clients are answered once."""
-    key = tuple(values.get(k) for k in ("llm", "llm-base-url", "llm-model", "llm-api-key-env", "llm-threads"))
+    key = tuple(values.get(k) for k in ("llm", "llm-base-url", "llm-model", "llm-api-key-env", "llm-threads",
+                                        "llm-concurrency", "llm-rpm", "llm-tpm"))
     if key not in _BACKENDS:  # one model per process: a simulation actor serves many clients in turn
         _BACKENDS[key] = llm_from_settings(values, cache=False)
     llm = _BACKENDS[key]
@@ -185,7 +186,7 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
     state.save_models(models)
     state.save_config(replace(cfg, adapter_margin="off" if margin is None else repr(margin)))  # the service uses it
     pipe = HydraPipeline(state.task, llm, Retriever(state.task), models.reranker, models.adapter, cfg, margin)
-    predictions = [pipe.answer(u, p.FULL).text for u in users]
+    predictions = [a.text for a in pipe.answer_many(users, p.FULL)]
     stats = metric_stats(state.task, predictions, [u.gold for u in users])
     if say:
         say(f"answered {len(users)} unseen users")

@@ -22,6 +22,8 @@ from . import labels, selection, training
 from .config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
 from .llm.base import LLM
 from .protocol import ADAPTER, BASE_PART, HEAD_PART, MODULES, RERANKER, array_key, split_array_key
+from .llm.pool import fan_out
+from .llm.progress import LLMProgress
 from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
@@ -71,17 +73,39 @@ def optim_args(cfg: HydraConfig, stage: str = "train") -> dict:
 
 def make_labels(task: Task, llm: LLM, retriever: Retriever, users: list[User], cfg: HydraConfig,
                 reranker: HydraScorer | None, which: str, real_queries: bool, say: Say | None = None) -> list:
-    """Reranker (`which=RERANKER`) or adapter examples for `users`, made from their history."""
+    """Reranker (`which=RERANKER`) or adapter examples for `users`, made from their history, in user order.
+
+    The LLM's requests of all users go through its request pool together (llm/pool.py); retrieval and the
+    reranker run here, user after user, so the examples are the same whatever the pool's size."""
+    pqs = _through_pool(llm, lambda u: labels.pseudo_queries(task, llm, u, cfg, real_query=real_queries), users,
+                        f"{which} pseudo-queries", "user", say)
     out = []
-    for i, user in enumerate(users, 1):
-        pqs = labels.pseudo_queries(task, llm, user, cfg, real_query=real_queries)
-        if which == RERANKER:
-            out += labels.reranker_examples(task, llm, retriever, user, pqs, cfg)
-        else:
-            out += labels.adapter_examples(task, llm, retriever, user, pqs, cfg, reranker)
-        if say:
-            say(f"{which} labels: user {i}/{len(users)} done ({llm.stats.calls} LLM calls so far)")
+    if which == RERANKER:
+        pairs = [labels.reranker_pairs(retriever, u, p, cfg) for u, p in zip(users, pqs)]
+        answers = _through_pool(llm, lambda pair: labels.one_shot_answer(task, llm, pair[0], pair[1], cfg),
+                                [pair for ps in pairs for pair in ps], "reranker labels", "prompt", say)
+        for u, ps in zip(users, pairs):
+            out += labels.reranker_labels(task, u, ps, answers[:len(ps)])
+            answers = answers[len(ps):]
+    else:
+        prepared = [labels.adapter_prompts(task, retriever, u, p, cfg, reranker) for u, p in zip(users, pqs)]
+        candidates = _through_pool(llm, lambda p: labels.adapter_candidates(task, llm, p, cfg),
+                                   [p for ps in prepared for p in ps], "adapter labels", "prompt", say)
+        for u, ps in zip(users, prepared):
+            out += labels.adapter_labels(task, u, ps, candidates[:len(ps)], cfg)
+            out += labels.label_set_examples(task, retriever, u, cfg)
+            candidates = candidates[len(ps):]
     return labels.trainable(out)
+
+
+def _through_pool(llm: LLM, fn: Callable, items: list, what: str, unit: str, say: Say | None) -> list:
+    """fan_out with the stage's progress (done, the LLM's requests per second, time left)."""
+    with LLMProgress(llm.stats, len(items), what, unit, say) as progress:
+        def step(item):
+            result = fn(item)
+            progress.step()
+            return result
+        return fan_out(llm, step, items)
 
 
 def train(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: HydraModels,

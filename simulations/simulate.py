@@ -25,19 +25,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fedhydra.client.state import ClientState, check_origin, partition_origin
 from fedhydra.common import settings
 from fedhydra.common.config import HydraConfig
-from fedhydra.common.pipeline import MODES
 from fedhydra.common.llm import default_cache_dir, llm_from_settings
 from fedhydra.common.partition import federated_split, load_users
+from fedhydra.common.pipeline import MODES
 from fedhydra.common.prompts import default_style
+from fedhydra.common.protocol import FULL
 from fedhydra.common.tasks import Task
 from fedhydra.server.privacy_statement import markdown_lines
 
-from .compare import PROMPT_BASELINES, REFERENCES, ratios, run_baselines, run_references, run_method
-from fedhydra.client.state import ClientState, check_origin, partition_origin
-
 from .app_folder import CLIENTAPP, write_app
+from .compare import PROMPT_BASELINES, REFERENCES, ratios, run_baselines, run_method, run_references
 from .deployment import Deployment
 from .results import MethodResult, Outcomes, markdown_table, write_results
 
@@ -133,10 +133,10 @@ def run_local(task: Task, llm, groups: list, cfg: HydraConfig):
         report = train(task, llm, group, cfg, models)
         margin = resolve_margin(cfg, report.get("calibration", {}).get("margin", "off"))
         pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
-        answers |= {u.id: pipe.answer(u) for u in group}  # the full pipeline
+        answers |= dict(zip([u.id for u in group], pipe.answer_many(group, FULL)))
         users += group
         print(f"hydra-local: client {i}/{len(groups)} done", flush=True)
-    result, rows = run_method("hydra-local", task, users, lambda u: answers[u.id], llm, progress=False)
+    result, rows = run_method("hydra-local", task, users, lambda us: [answers[u.id] for u in us], llm, progress=False)
     used = llm.stats.minus(before)
     result.llm_calls, result.tokens, result.cache_hits = used.calls, used.tokens, used.cache_hits
     result.wall_s = round(time.perf_counter() - t0, 2)
