@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedhydra.client.service_cli import add_client_commands  # `fedhydra client serve|ask|...`
 
     add_client_commands(sub)
+    from fedhydra.simulations.hosts_cli import add_host_commands  # `fedhydra server ...`, `fedhydra node ...`
+
+    add_host_commands(sub)
     return parser
 
 
