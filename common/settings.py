@@ -102,6 +102,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("resume", False, "continue from the checkpoint in out", "federation"),
     _S("stop-after-round", 0, "stop cleanly after this round (0 = run to the end); resume later", "federation"),
     _S("threads", 1, "torch threads of each client", "federation"),
+    _S("ray-address", "", "simulation: an existing Ray cluster's head (HOST:PORT, as `ray start --head` prints) to run "
+       "the virtual clients on ('' = a Ray instance of its own per run)", "federation"),
     # --- privacy (PRIVACY.md): differential privacy and secure aggregation of the shared arrays
     _S("dp", "off", "differential privacy: off, user (each client's update clipped, Gaussian noise on the sum at "
        "the server, Flower's RDP accountant) or record (DP-SGD with Opacus on each client)", "privacy",

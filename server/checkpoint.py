@@ -29,7 +29,7 @@ PROGRESS = "progress.json"
 STRATEGY = "strategy/"
 # Settings that do not change what a run computes: a resume may change them.
 FREE_SETTINGS = ("out", "resume", "stop-after-round", "round-timeout", "node-wait", "min-nodes", "threads",
-                 "llm-threads", "cache-dir", "state-root", "llm-api-key-env")
+                 "llm-threads", "cache-dir", "state-root", "llm-api-key-env", "ray-address")
 
 
 def fingerprint(values: dict) -> str:

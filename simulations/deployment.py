@@ -59,10 +59,12 @@ class Deployment:
                  insecure: bool = False, host: str = LOOPBACK, port: int | None = None,
                  isolation: str = "process", log=print, simulation: bool = False,
                  public: list[str] | None = None, public_port: int | None = None, bind_host: str | None = None,
-                 front: bool | None = None):
+                 front: bool | None = None, ray_address: str = ""):
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation {isolation!r}: expected one of {ISOLATIONS}")
         self.isolation = isolation
+        # Flower's Ray backend calls ray.init() without an address, and Ray then joins the cluster RAY_ADDRESS names.
+        self.superlink_env = {"RAY_ADDRESS": ray_address} if simulation and ray_address else {}
         self.workdir = Path(workdir).expanduser().resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.simulation = simulation
@@ -134,7 +136,8 @@ class Deployment:
             c = self.server_certs
             cmd += ["--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile", str(c.server_cert),
                     "--ssl-keyfile", str(c.server_key), "--enable-supernode-auth"]
-        self.superlink = self.launcher.spawn("superlink", cmd, self.workdir / "flwr-home" / "superlink")
+        self.superlink = self.launcher.spawn("superlink", cmd, self.workdir / "flwr-home" / "superlink",
+                                             self.superlink_env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.superlink.alive():

@@ -60,7 +60,9 @@ def run_federated(values: dict, out: Path, parallel: int = 0, clientapp: str = C
     if torch.cuda.is_available():
         options |= {"client-resources-num-gpus": torch.cuda.device_count() / parallel,
                     "init-args-num-gpus": torch.cuda.device_count()}
-    with Deployment(out / "flower", simulation=True, log=echo) as deployment:
+    if values["ray-address"]:  # an existing cluster brings its own resources (Ray refuses them when joining)
+        options = {k: v for k, v in options.items() if not k.startswith("init-args-")}
+    with Deployment(out / "flower", simulation=True, log=echo, ray_address=values["ray-address"]) as deployment:
         deployment.start_superlink()
         info = deployment.run(app, echo=echo, federation_config=options)
     path = out / "federated" / "federated.json"
