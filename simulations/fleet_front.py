@@ -28,7 +28,7 @@ import ssl
 import sys
 
 # Flower 1.41's Fleet routes are POST /v1/fleet/<name> (activate-node, pull-messages, push-object, ...).
-FLEET_ROUTE = re.compile(rb"^/v1/fleet/[a-z][a-z0-9-]{0,63}$")
+FLEET_ROUTE = re.compile(rb"/v1/fleet/[a-z][a-z0-9-]{0,63}")  # matched whole (fullmatch)
 FLEET_METHODS = ("POST",)
 # RFC 9110 section 7.6.1: connection-specific headers are not forwarded; Host names the upstream.
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -38,7 +38,7 @@ REFUSED = "refused by the FedHydra front: only the Fleet API is served here"
 
 def allowed(method: str, raw_path: bytes, query: bytes) -> bool:
     """True only for a Fleet API call: POST, the exact route shape, no query string."""
-    return method in FLEET_METHODS and not query and bool(FLEET_ROUTE.match(raw_path))
+    return method in FLEET_METHODS and not query and FLEET_ROUTE.fullmatch(raw_path) is not None
 
 
 def build_app(upstream: str, ca_file: str | None, timeout: float = 600.0):
