@@ -10,7 +10,7 @@ All through the commands a person types (simulations/fleet_harness.py). Asserted
 - from a device's namespace the Fleet API answers through the front; every Control and Runtime API route of
   flwr 1.41's SuperLink (and tricks: dot segments, percent-escapes, a query string, other methods) is
   refused by the front; the server's SuperLink port cannot be reached, on its LAN address or on loopback;
-- a device whose key was never enrolled is refused and says so;
+- a device whose key was never enrolled is refused and says so, and so is a removed one (`fedhydra server remove`);
 - a tiny federated run (2 rounds: reranker, adapter) finishes; device 1 is stopped inside round 1 (its
   ClientApp training), round 1 completes with device 0, device 1 is restarted with its key and state folder
   only, comes back under its enrolled node id, and takes part in round 2;
@@ -151,6 +151,14 @@ def test_server_and_two_devices_on_separate_hosts(tmp_path):
                 assert heads[i]["adapter"] == own and heads[i]["reranker"] <= own, heads[i]
             # Device 0 trained both modules; device 1 missed the only reranker round (stopped inside it).
             assert heads[0]["reranker"] == {head_key(users[0].id), "__default__"}, heads[0]
+
+            # Removing a device: its key is refused from then on.
+            restarted.stop()
+            removed = fleet.call("server", "server", "remove", "--home", str(fleet.server_home), "device-1").stdout
+            assert f"removed device-1 (node {ids[1]})" in removed
+            again = fleet.start_device(1, name="device-1-removed")
+            assert again.popen.wait(timeout=120) != 0
+            assert "refused this device" in again.log.read_text(encoding="utf-8"), again.tail(30)
 
             # The server goes away; device 0 answers from its own state.
             fleet.stop()
