@@ -3,6 +3,8 @@
     SERVER namespace   br0 (the LAN) with 10.A.B.1/24, its own loopback (where the SuperLink listens)
     DEVICE namespace i eth0 with 10.A.B.(i+2)/24, its own loopback; a veth pair joins it to br0
 
+Default routes point into the LAN and end there: the server namespace has no way out.
+
 Each namespace has only its own loopback and this LAN: nothing in it can reach the machine's other
 addresses, and the machine's processes cannot reach it except through `ip netns exec`. The namespaces,
 the bridge and the veth pairs are made here and removed by `destroy()` (also on errors: use it as a
@@ -93,6 +95,10 @@ class Hosts:
                 _ip("-n", self.server, "link", "set", f"lan{i}", "up")
                 _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
                 _ip("-n", ns, "link", "set", "eth0", "up")
+                _ip("-n", ns, "route", "add", "default", "via", self.server_ip)
+            # Default routes that end in the server namespace (it has no way out): programs that find their own
+            # address by "connecting" a UDP socket to a public address (Ray does) get their LAN address.
+            _ip("-n", self.server, "route", "add", "default", "dev", "br0")
         except BaseException:
             self.destroy()
             raise
