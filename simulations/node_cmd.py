@@ -97,7 +97,9 @@ def start_command(args) -> int:
                 what, proc = dead
                 tail = proc.tail(40)
                 hint = (" The SuperLink refused this device: is its public key enrolled on the server "
-                        "(fedhydra server enroll), and is --ca the server's CA?") if REFUSED_EXIT in tail else ""
+                        "(fedhydra server enroll), and is --ca the server's CA?") if REFUSED_EXIT in tail else (
+                        " The SuperLink ended this device's session (the device was removed on the server?)."
+                        if what == "SuperNode" and proc.popen.returncode == 0 else "")
                 raise DeployError(f"{what} exited ({proc.popen.returncode}).{hint} Log {proc.log}:\n{tail}")
             if not connected and device.connected_in_log() and device.executor_ready():
                 connected = True

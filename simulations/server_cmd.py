@@ -138,16 +138,13 @@ def enroll_command(args) -> None:
 def remove_command(args) -> None:
     home = _home(args)
     nodes = _nodes(home)
-    match = [n for n in nodes if args.device in (str(n.get("node-id")), n.get("name"))]
+    match = [n for n in nodes if args.device in (str(n.get("node-id")), n.get("name")) and n.get("status") != "unregistered"]
     if not match:
         raise ValueError(f"no enrolled device named or numbered {args.device!r}; enrolled:\n{describe_nodes(nodes)}")
     for n in match:
         res = _flwr(home, "supernode", "unregister", str(n["node-id"]), CONNECTION)
         if res.returncode != 0:
             raise DeployError(f"removing node {n['node-id']} failed: {res.stdout.strip()} {res.stderr.strip()}")
-        names = device_names(home)
-        names.pop(str(n["node-id"]), None)
-        write_atomic(home / "devices.json", json.dumps(names, indent=1) + "\n")
         print(f"removed {n.get('name')} (node {n['node-id']})", flush=True)
 
 
