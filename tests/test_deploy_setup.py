@@ -110,3 +110,30 @@ def test_node_keygen_never_overwrites_a_device_key(tmp_path):
     assert os.stat(key.private).st_mode & 0o077 == 0 and key.public.read_text().endswith(" phone\n")
     with pytest.raises(FileExistsError, match="keeps its key"):
         write_node_key(tmp_path / "phone", "phone")
+
+
+def test_a_device_sets_its_threads_and_llm_endpoint_in_its_node_config(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedhydra.cli.main import build_parser
+    from fedhydra.client.client_app import client_settings
+    from fedhydra.simulations.node_cmd import node_config
+
+    args = build_parser().parse_args(
+        ["node", "start", "--superlink", "10.0.0.1:9092", "--ca", "ca.crt", "--key", "key", "--state", str(tmp_path),
+         "--threads", "3", "--llm", "openai", "--llm-base-url", "http://127.0.0.1:8765/v1", "--llm-model", "m",
+         "--node-config", "llm-threads=2"])
+    config = node_config(args)
+    assert config == {"threads": 3, "llm": "openai", "llm-base-url": "http://127.0.0.1:8765/v1", "llm-model": "m",
+                      "llm-threads": 2}
+    # What the ClientApp on that device runs with: its node config over the run's settings.
+    context = Context(run_id=1, node_id=7, node_config=config | {"state": str(tmp_path)}, state=RecordDict(),
+                      run_config={"threads": 1, "llm": "embedded", "rounds": 2})
+    values = client_settings(context)
+    assert (values["threads"], values["llm"], values["llm-threads"], values["rounds"]) == (3, "openai", 2, 2)
+    import pytest
+
+    bad = build_parser().parse_args(["node", "start", "--superlink", "h:1", "--ca", "c", "--key", "k", "--state", "s",
+                                     "--node-config", "no-such-setting=1"])
+    with pytest.raises(ValueError, match="no-such-setting"):
+        node_config(bad)
