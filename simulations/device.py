@@ -55,6 +55,7 @@ class Device:
         self.supernode: Proc | None = None
         self.executor: Proc | None = None
         self._ready_before = 0
+        self._log_start = 0
 
     @property
     def executor_log(self) -> Path:
@@ -81,6 +82,8 @@ class Device:
         if self.executor is not None:  # it follows its dead SuperNode within a second; never two on one port
             self.executor.stop()
         secret = self._new_secret() if self.isolation == "process" else None
+        log = self.launcher.logs / f"{self.name}.log"
+        self._log_start = log.stat().st_size if log.is_file() else 0  # logs are appended to across restarts
         self.supernode = self.launcher.spawn(self.name, self.command(secret), self.flwr_home, self.extra_env)
         if secret is not None:
             # Logs are appended to: this executor is ready when its log holds one more READY line.
@@ -103,6 +106,15 @@ class Device:
             f.write(secrets.token_bytes(32))
         return path
 
+    def log_since_start(self) -> str:
+        """What the SuperNode logged since its last start."""
+        try:
+            with open(self.launcher.logs / f"{self.name}.log", "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
     def processes(self) -> list[tuple[str, Proc]]:
         out = [("SuperNode", self.supernode)] if self.supernode else []
         return out + ([("executor of SuperNode", self.executor)] if self.executor else [])
@@ -118,7 +130,7 @@ class Device:
 
     def connected_in_log(self) -> bool:
         """The SuperNode logged its node id (how an --insecure deployment, with no registered ids, sees it)."""
-        return self.supernode is not None and "SuperNode ID:" in self.supernode.tail(200)
+        return self.supernode is not None and "SuperNode ID:" in self.log_since_start()
 
     def clientapp_launches(self) -> int:
         """How many ClientApp processes this node has started so far (counted in its logs)."""

@@ -21,18 +21,25 @@ import time
 from pathlib import Path
 
 from fedhydra.common import settings
+from fedhydra.common.files import write_atomic
 
 from .device import ISOLATIONS, Device
-from .processes import DeployError, Launcher
+from .processes import DeployError, Launcher, one_line_errors
 
 DEFAULT_WORKDIR = "~/.fedhydra/node"
 REFUSED_EXIT = "Exit Code: 305"  # Flower's SUPERNODE_CONNECTION_ERROR: e.g. a key the SuperLink does not know
+# Flower's FLEET_NODE_ACTIVATION_FAILED: also what an enrolled node gets while the SuperLink still counts its
+# previous session as online (flwr 1.41 activates only a registered or offline node).
+STILL_ONLINE = "[code: 2004] Failed to activate SuperNode"
 
 
 def keygen_command(args) -> None:
     from .certs import write_node_key
 
-    key = write_node_key(args.key, args.comment or Path(args.key).name)
+    try:
+        key = write_node_key(args.key, args.comment or Path(args.key).name)
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from exc
     print(f"private key {key.private} (mode 0600: it never leaves this device)\n"
           f"public key  {key.public} (give this file to the server's operator: fedhydra server enroll "
           f"{key.public.name} --name NAME)", flush=True)
@@ -79,8 +86,8 @@ def start_command(args) -> int:
     device = Device(launcher, args.name, args.superlink, state_dir, ca_cert=Path(args.ca).expanduser().resolve(),
                     key=Path(args.key).expanduser().resolve(), node_config=node_config(args),
                     isolation=args.isolation, port=args.runtime_port, extra_env=env)
-    users = state.user_ids()
-    print(f"device {args.name}: {len(users)} {state.task.name} users ({args.role}) in {state_dir}; "
+    users, roles = state.user_ids(), "/".join(sorted(set(state.roles.values())))
+    print(f"device {args.name}: {len(users)} {state.task.name} users ({roles}) in {state_dir}; "
           f"connecting to {args.superlink}; logs in {launcher.logs}", flush=True)
     stop = {"now": False}
 
@@ -90,12 +97,24 @@ def start_command(args) -> int:
     previous = signal.signal(signal.SIGTERM, _on_term)
     connected = False
     try:
+        joined_before = workdir / "node-id"  # written on this device's first connection
         device.start()
+        rejoin_until = time.monotonic() + args.rejoin_wait
         while not stop["now"]:
             dead = device.dead()
             if dead:
                 what, proc = dead
-                tail = proc.tail(40)
+                since = device.log_since_start()
+                if STILL_ONLINE in since and joined_before.is_file() and time.monotonic() < rejoin_until:
+                    # The server still counts this device's previous session as online (it ended without
+                    # deactivating, e.g. killed): it goes offline after a few missed heartbeats. Try again.
+                    print(f"device {args.name}: the server still sees this device's previous session online; "
+                          f"trying again in 5 s (for up to {args.rejoin_wait:.0f} s)", flush=True)
+                    device.stop()
+                    time.sleep(5)
+                    device.start()
+                    continue
+                tail = "\n".join(since.splitlines()[-40:])
                 hint = (" The SuperLink refused this device: is its public key enrolled on the server "
                         "(fedhydra server enroll), and is --ca the server's CA?") if REFUSED_EXIT in tail else (
                         " The SuperLink ended this device's session (the device was removed on the server?)."
@@ -103,8 +122,9 @@ def start_command(args) -> int:
                 raise DeployError(f"{what} exited ({proc.popen.returncode}).{hint} Log {proc.log}:\n{tail}")
             if not connected and device.connected_in_log() and device.executor_ready():
                 connected = True
-                node_id = next((ln.split("SuperNode ID:")[-1].strip() for ln in device.supernode.tail(200).splitlines()
+                node_id = next((ln.split("SuperNode ID:")[-1].strip() for ln in device.log_since_start().splitlines()
                                 if "SuperNode ID:" in ln), "?")
+                write_atomic(joined_before, node_id + "\n")
                 print(f"device {args.name} connected as node {node_id}; waiting for the server's rounds", flush=True)
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -124,7 +144,7 @@ def add_node_commands(sub) -> None:
     k = node.add_parser("keygen", help="make this device's key pair (the private key never leaves the device)")
     k.add_argument("key", help="path of the private key to write; the public key goes to KEY.pub")
     k.add_argument("--comment", default=None, help="comment in the public key (default: the key's file name)")
-    k.set_defaults(func=keygen_command)
+    k.set_defaults(func=one_line_errors(keygen_command))
 
     s = node.add_parser("start", help="run this device's SuperNode and warm executor (until Ctrl-C / SIGTERM)",
                         description=__doc__.split("\n\n")[2])
@@ -144,8 +164,11 @@ def add_node_commands(sub) -> None:
     s.add_argument("--runtime-port", type=int, default=None,
                    help="port of the SuperNode's Runtime API on 127.0.0.1 (default: a free one)")
     s.add_argument("--threads", type=int, default=None, help="torch threads of each ClientApp on this device")
+    s.add_argument("--rejoin-wait", type=float, default=120.0,
+                   help="a device that was connected before: seconds to keep retrying while the server still counts "
+                        "its previous session as online (after a crash, until a few heartbeats are missed; default 120)")
     s.add_argument("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for the ClientApps ('' = CPU only)")
     s.add_argument("--node-config", action="append", metavar="KEY=VALUE",
                    help="any other FedHydra setting for this device only (repeatable)")
     settings.add_arguments(s, ("llm",))
-    s.set_defaults(func=start_command)
+    s.set_defaults(func=one_line_errors(start_command))

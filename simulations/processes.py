@@ -29,6 +29,18 @@ class DeployError(RuntimeError):
     """A deployment step failed; the message says which and where its log is."""
 
 
+def one_line_errors(func):
+    """A command whose failed deployment step the CLI reports as one clear line (it catches ValueError), not as a
+    traceback."""
+    def command(args):
+        try:
+            return func(args)
+        except DeployError as exc:
+            raise ValueError(str(exc)) from exc
+
+    return command
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

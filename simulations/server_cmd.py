@@ -32,7 +32,7 @@ from fedhydra.common.files import write_atomic
 
 from .deployment import Deployment
 from .flwr_cli import CONNECTION, ServerCLI
-from .processes import DeployError
+from .processes import DeployError, one_line_errors
 
 DEFAULT_HOME = "~/.fedhydra/server"
 DEFAULT_PUBLIC_PORT = 9092
@@ -221,22 +221,22 @@ def add_server_commands(sub, skip: tuple = ()) -> None:
     s.add_argument("--bind-host", default=None, help="address the front listens on (default: the first --public-host)")
     s.add_argument("--port", type=int, default=None, help="the SuperLink's port on 127.0.0.1 (default: a free one)")
     s.add_argument("--poll", type=float, default=5.0, help="seconds between checks of the devices' status")
-    s.set_defaults(func=lambda a: start_command(a))
+    s.set_defaults(func=one_line_errors(start_command))
 
     e = server.add_parser("enroll", help="register a device's public key (its KEY.pub) under a name")
     home(e)
     e.add_argument("public_key", help="the device's public key file (OpenSSH, from `fedhydra node keygen`)")
     e.add_argument("--name", required=True, help="a name for the device, shown in status and waiting messages")
-    e.set_defaults(func=lambda a: enroll_command(a))
+    e.set_defaults(func=one_line_errors(enroll_command))
 
     r = server.add_parser("remove", help="unregister a device: its key is refused from then on")
     home(r)
     r.add_argument("device", help="the device's name or node id")
-    r.set_defaults(func=lambda a: remove_command(a))
+    r.set_defaults(func=one_line_errors(remove_command))
 
     st = server.add_parser("status", help="enrolled devices (online or not) and runs")
     home(st)
-    st.set_defaults(func=lambda a: status_command(a))
+    st.set_defaults(func=one_line_errors(status_command))
 
     run = server.add_parser("run", help="run the FedHydra app on the enrolled devices (`flwr run`)",
                             description="Waits for min-nodes enrolled devices (naming those not connected), "
@@ -247,4 +247,4 @@ def add_server_commands(sub, skip: tuple = ()) -> None:
     run.add_argument("--timeout", type=float, default=None, help="give up (and stop the run) after this many seconds")
     run.add_argument("--quiet", action="store_true", help="do not stream the run's log")
     settings.add_arguments(run, settings.GROUPS, skip=("out", "state-root", "train-users", "test-users") + skip)
-    run.set_defaults(func=lambda a: run_command(a, settings.resolve(settings.from_args(a))))
+    run.set_defaults(func=one_line_errors(lambda a: run_command(a, settings.resolve(settings.from_args(a)))))
