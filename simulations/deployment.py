@@ -39,7 +39,7 @@ from pathlib import Path
 
 from fedhydra.common.settings import toml_value
 
-from .device import ISOLATIONS, RUNTIME_HOST, Device  # noqa: F401  (RUNTIME_HOST: re-exported)
+from .device import ISOLATIONS, Device
 from .flwr_cli import CONNECTION, ServerCLI
 from .processes import FLWR_ENV, DeployError, Launcher, Proc, _bin, free_port  # noqa: F401  (FLWR_ENV: the CLI's)
 

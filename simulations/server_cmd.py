@@ -21,7 +21,6 @@ H (default ~/.fedhydra/server) holds:
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import time
