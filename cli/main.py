@@ -23,6 +23,7 @@ for _key, _value in FLWR_ENV.items():
 
 FEDERATED_ONLY = ("clients", "test-clients", "users-per-client", "partitioner")
 CENTRAL = ("data", "central", "hydra", "llm")  # the setting groups of `fedhydra evaluate`
+SIMULATED = settings.GROUPS + ("runtime",)  # those of the commands that run Flower's simulation runtime
 # privacy-sweep sets these itself for each budget (dp-noise-multiplier: the noise comes from each epsilon)
 SWEPT = ("dp", "dp-epsilon", "dp-noise-multiplier", "resume")
 DEMO = {"clients": 6, "test-clients": 6, "rounds": 2, "pseudo-queries": 2, "candidates": 4, "retrieve": 6}
@@ -37,9 +38,9 @@ def _values(args: argparse.Namespace, groups: tuple[str, ...], base: dict | None
 # (decides every value before anything starts; tests/test_flags.py walks every flag through it).
 RUNS = {
     "evaluate": (CENTRAL, {}, "evaluate:evaluation_plan"),
-    "simulate": (settings.GROUPS, {}, "simulate:simulation_plan"),
-    "demo": (settings.GROUPS, DEMO, "simulate:simulation_plan"),
-    "privacy-sweep": (settings.GROUPS, {}, "privacy_sweep:sweep_plan"),
+    "simulate": (SIMULATED, {}, "simulate:simulation_plan"),
+    "demo": (SIMULATED, DEMO, "simulate:simulation_plan"),
+    "privacy-sweep": (SIMULATED, {}, "privacy_sweep:sweep_plan"),
     "deploy": (settings.GROUPS, {}, "deploy:deploy_plan"),
 }
 
@@ -120,7 +121,7 @@ def _federated_parser(sub, name: str, methods: bool = True, skip: tuple = (), **
                             "hydra-reranker, hydra-adapter, hydra-local, hydra-fed")
     p.add_argument("--parallel", type=int, default=0,
                    help="clients run at once in the simulation (default: one per CPU core)")
-    settings.add_arguments(p, settings.GROUPS,
+    settings.add_arguments(p, SIMULATED,
                            skip=("out", "state-root", "min-nodes", "node-wait") + skip)
     return p
 
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedhydra.client.service_cli import add_client_commands  # `fedhydra client serve|ask|...`
 
     add_client_commands(sub)
+    from fedhydra.simulations.hosts_cli import add_host_commands  # `fedhydra server ...`, `fedhydra node ...`
+
+    add_host_commands(sub)
     return parser
 
 

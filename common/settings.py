@@ -126,6 +126,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("stop-after-round", 0, "stop cleanly after this round (0 = run to the end); resume later", "federation",
        tags=RUN_FREE),
     _S("threads", 1, "torch threads of each client", "federation", tags=RUN_FREE),
+    # --- Flower's simulation runtime (`simulate`, `demo`, `privacy-sweep`; not a run-config key: the runtime's own)
+    _S("ray-address", "", "an existing Ray cluster's head (HOST:PORT, as `ray start --head` prints) to run the "
+       "virtual clients on ('' = a Ray instance of its own per run)", "runtime", tags=RUN_FREE),
     # --- privacy (PRIVACY.md): differential privacy and secure aggregation of the shared arrays
     _S("dp", "off", "differential privacy: off, user (each client's update clipped, Gaussian noise on the sum at "
        "the server, Flower's RDP accountant) or record (DP-SGD with Opacus on each client)", "privacy",
@@ -142,7 +145,7 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
 )}
 
 GROUPS = ("data", "hydra", "llm", "federation", "privacy")  # the Flower app's: its run config holds exactly these
-TITLES = {"data": "data and clients", "central": "centralized evaluation", "hydra": "HYDRA", "llm": "black-box LLM",
+TITLES = {"data": "data and clients", "central": "centralized evaluation", "runtime": "simulation runtime", "hydra": "HYDRA", "llm": "black-box LLM",
           "federation": "federation", "privacy": "privacy"}
 
 

@@ -71,23 +71,66 @@ def _send(grid: Grid, messages: list[Message], values: dict, what: str) -> list[
     return _exchange(grid, messages, float(values["round-timeout"]), what)
 
 
-def discover(grid: Grid, values: dict) -> dict[int, p.Description]:
-    """node id -> what it holds (train users, test users, task) for every connected node (waits for min-nodes)."""
-    deadline = time.monotonic() + float(values["node-wait"])
-    while len(nodes := list(grid.get_node_ids())) < int(values["min-nodes"]):
+def wait_for_nodes(grid: Grid, values: dict, known: dict | None = None, must: bool = True) -> list[int]:
+    """Wait until min-nodes nodes are connected, saying how many and which are there and which known ones are not;
+    after node-wait seconds, an error before the first round (`must`), else go on with those connected."""
+    want, wait = int(values["min-nodes"]), float(values["node-wait"])
+    deadline, last, said = time.monotonic() + wait, None, 0.0
+    while len(nodes := sorted(grid.get_node_ids())) < want:
+        missing = sorted(set(known or ()) - set(nodes))
+        text = (f"waiting for nodes: {len(nodes)} of min-nodes={want} connected {nodes}"
+                + (f"; not connected: {missing}" if missing else ""))
+        if text != last or time.monotonic() - said > 30:
+            _log(text)
+            last, said = text, time.monotonic()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of min-nodes={values['min-nodes']} nodes connected "
-                               f"within {values['node-wait']:.0f} s")
+            if must:
+                raise RuntimeError(f"only {len(nodes)} of min-nodes={want} nodes connected within {wait:.0f} s")
+            _log(f"{len(nodes)} of min-nodes={want} nodes after {wait:.0f} s; going on with them")
+            return nodes
         time.sleep(1.0)
+    return nodes
+
+
+def describe(grid: Grid, values: dict, nodes: list[int]) -> dict[int, p.Description]:
+    """node id -> what it holds (train users, test users, task) for `nodes` (those that answer)."""
     roles = {}
     for r in _send(grid, [p.describe_request(n) for n in nodes], values, p.DESCRIBE.message_type):
         node = roles[r.metadata.src_node_id] = p.Description.unpack(r)
         if values["task"] and node.task != values["task"]:
             raise RuntimeError(f"node {r.metadata.src_node_id} holds {node.task} users, but the run is for "
                                f"{values['task']}")
+    return roles
+
+
+def discover(grid: Grid, values: dict) -> dict[int, p.Description]:
+    """node id -> what it holds for every connected node (waits for min-nodes)."""
+    roles = describe(grid, values, wait_for_nodes(grid, values))
     if len({r.task for r in roles.values()}) > 1:
         raise RuntimeError(f"the nodes hold different tasks: {sorted({r.task for r in roles.values()})}")
     return roles
+
+
+def late_joiners(grid: Grid, values: dict, roles: dict[int, p.Description], task_name: str,
+                 room: int | None) -> list[int]:
+    """Nodes connected since the last look (described, added to `roles`); returns the new train nodes, at most
+    `room` of them (dp=user: the accountant's population). A node of another task is left out, with a log line."""
+    new = sorted(set(grid.get_node_ids()) - set(roles))
+    if not new:
+        return []
+    joined = []
+    for node, role in describe(grid, values, new).items():
+        if role.task != task_name:
+            _log(f"node {node} joined with {role.task} users; this run is for {task_name}: left out")
+            continue
+        if role.train_users and room is not None and len(joined) >= room:
+            _log(f"node {node} joined, but dp=user's population is full: left out of training")
+            continue
+        roles[node] = role
+        if role.train_users:
+            joined.append(node)
+    _log(f"late joiners: {new}; train clients among them: {joined}")
+    return joined
 
 
 def _round_doc(server_round: int, module: str, metrics: list, sent_to: int, nbytes: dict, t0: float,
@@ -259,6 +302,14 @@ def run(grid: Grid, values: dict) -> dict:
         if module == p.ADAPTER:  # its labels come from prompts built with the final reranker
             install(grid, values, train_nodes, p.of_module(shared, p.RERANKER), p.RERANKER)
         for server_round in range(max(start + 1, first), last + 1):
+            # A real fleet: a device that dropped may come back, a new one may join. Each round waits (up to
+            # node-wait) for min-nodes, then takes in the nodes that connected since, from this round on.
+            wait_for_nodes(grid, values, roles, must=False)
+            room = None if not dp else max(0, dp.population - len(train_nodes))
+            joined = late_joiners(grid, values, roles, task_name, room)
+            if joined and module == p.ADAPTER:  # the adapter's labels are made with the final reranker
+                install(grid, values, joined, p.of_module(shared, p.RERANKER), p.RERANKER)
+            train_nodes += joined
             try:
                 arrays, record = train_round(grid, values, strategy, server_round, module, train_nodes,
                                              p.of_module(shared, module), reranker_digest, dp)
@@ -282,6 +333,8 @@ def run(grid: Grid, values: dict) -> dict:
             if values["stop-after-round"] and server_round == values["stop-after-round"] < total_rounds:
                 _log(f"stopped after round {server_round}; continue with resume=true")
                 return finish(f"stopped after round {server_round}")
+    late_joiners(grid, values, roles, task_name, None)  # test clients that joined during training are evaluated too
+    test_nodes = sorted(n for n, r in roles.items() if r.test_users)
     margin = cfg.margin
     if margin == MARGIN_AUTO:
         doc["calibration"] = calibrate(grid, values, train_nodes, p.of_module(shared, p.ADAPTER))

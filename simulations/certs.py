@@ -2,8 +2,9 @@
 
     CERTS/
       ca.crt, ca.key            a private certificate authority (self-signed, 10 years)
-      server.pem, server.key    the SuperLink's TLS certificate, signed by the CA, with
-                                SAN IP:127.0.0.1 and DNS:localhost (plus any extra hosts asked for)
+      server.pem, server.key    the SuperLink's (and its public front's) TLS certificate, signed by the CA,
+                                with SAN IP:127.0.0.1, DNS:localhost and every public host asked for (a
+                                host missing from an existing certificate gets a new one from the same CA)
       nodes/node-<i>            SuperNode i's authentication key: EC P-384, OpenSSH private key
       nodes/node-<i>.pub        its public key (OpenSSH), registered on the SuperLink with
                                 `flwr supernode register`
@@ -69,7 +70,12 @@ def ensure_server_certs(folder: str | os.PathLike, hosts=DEFAULT_HOSTS) -> Serve
     folder = Path(folder).expanduser().resolve()
     out = ServerCerts(folder / "ca.crt", folder / "server.pem", folder / "server.key")
     if out.ca_cert.is_file() and out.server_cert.is_file() and out.server_key.is_file():
-        return out
+        if set(hosts) <= set(san_hosts(out.server_cert)):
+            return out
+        if not (folder / "ca.key").is_file():
+            raise ValueError(f"{out.server_cert} does not name {sorted(set(hosts) - set(san_hosts(out.server_cert)))} "
+                             f"and {folder / 'ca.key'} is missing to issue one that does")
+        # A new public host: a new server certificate from the same CA (devices keep their ca.crt).
 
     now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
     pem = serialization.Encoding.PEM
@@ -117,18 +123,40 @@ def ensure_server_certs(folder: str | os.PathLike, hosts=DEFAULT_HOSTS) -> Serve
     return out
 
 
-def ensure_node_key(folder: str | os.PathLike, name: str) -> NodeKey:
-    """SuperNode `name`'s authentication key pair in `folder`/nodes, generated when absent."""
+def san_hosts(cert_path: str | os.PathLike) -> list[str]:
+    """The IP addresses and DNS names in a certificate's SubjectAlternativeName."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] + san.get_values_for_type(x509.DNSName)
+
+
+def write_node_key(private: str | os.PathLike, comment: str) -> NodeKey:
+    """A new EC P-384 key pair for SuperNode authentication: `private` (OpenSSH, mode 0600) and `private`.pub
+    (OpenSSH, with `comment`). Refuses to overwrite an existing key: a device's identity is its key."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    nodes = Path(folder).expanduser().resolve() / "nodes"
-    out = NodeKey(nodes / name, nodes / f"{name}.pub")
-    if out.private.is_file() and out.public.is_file():
-        return out
+    private = Path(private).expanduser().resolve()
+    out = NodeKey(private, private.with_name(private.name + ".pub"))
+    for path in (out.private, out.public):
+        if path.exists():
+            raise FileExistsError(f"{path} exists: a device keeps its key (delete it to make a new identity)")
     key = ec.generate_private_key(ec.SECP384R1())
     _write(out.private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                           serialization.NoEncryption()), private=True)
     _write(out.public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + b" " + name.encode() + b"\n")
+                                                     serialization.PublicFormat.OpenSSH) + b" " + comment.encode() + b"\n")
     return out
+
+
+def ensure_node_key(folder: str | os.PathLike, name: str) -> NodeKey:
+    """SuperNode `name`'s authentication key pair in `folder`/nodes, generated when absent."""
+    nodes = Path(folder).expanduser().resolve() / "nodes"
+    out = NodeKey(nodes / name, nodes / f"{name}.pub")
+    if out.private.is_file() and out.public.is_file():
+        return out
+    out.public.unlink(missing_ok=True)  # half a pair (a crash between the two writes) is made again
+    out.private.unlink(missing_ok=True)
+    return write_node_key(out.private, name)

@@ -1,5 +1,7 @@
-"""`fedhydra deploy`: the FedHydra app on a real Flower deployment on this machine's loopback. What runs
-where, and how it is secured: simulations/deployment.py.
+"""`fedhydra deploy`: the FedHydra app on a real Flower deployment on this machine's loopback, composed of the
+same server piece (SuperLink on loopback + the Fleet API front, simulations/deployment.py) and device pieces
+(SuperNode + warm executor, simulations/device.py) that `fedhydra server start` and `fedhydra node start` run on
+separate machines. What runs where, and how it is secured: simulations/deployment.py.
 
 Each SuperNode gets node config `state=DIR partition-id=i num-partitions=N`: its ClientApp makes its own
 private state folder from its partition of the users on the first message (client/client_app.py), as a
@@ -68,7 +70,7 @@ def deploy_command(args: argparse.Namespace, values: dict) -> dict:
 
     names = [f"node-{i}" for i in range(n)]
     deployment = Deployment(workdir, certs=args.certs, insecure=args.insecure, port=args.port,
-                            isolation=args.isolation)
+                            isolation=args.isolation, front=not args.insecure)  # devices dial the front, as off-host
     previous = signal.getsignal(signal.SIGTERM)
 
     def _on_term(signum, frame):  # make `finally` run on SIGTERM as on Ctrl-C

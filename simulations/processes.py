@@ -1,5 +1,5 @@
-"""Child processes of a deployment: start them on free loopback ports, find their whole process
-trees (Flower's children start sessions of their own) and stop every one of them."""
+"""Child processes of a deployment: start them with Flower's environment on free loopback ports, find
+their whole process trees (Flower's children start sessions of their own) and stop every one of them."""
 
 from __future__ import annotations
 
@@ -11,11 +11,34 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+import threading
 from pathlib import Path
+
+FLWR_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_DEDUP_LOGS": "0",  # every client's progress line, not "repeated 3x across cluster"
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
 
 
 class DeployError(RuntimeError):
     """A deployment step failed; the message says which and where its log is."""
+
+
+def one_line_errors(func):
+    """A command whose failed deployment step the CLI reports as one clear line (it catches ValueError), not as a
+    traceback."""
+    def command(args):
+        try:
+            return func(args)
+        except DeployError as exc:
+            raise ValueError(str(exc)) from exc
+
+    return command
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -116,3 +139,50 @@ class Proc:
             return "\n".join(self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def flwr_env(flwr_home: Path, extra: dict | None = None) -> dict:
+    """This process's environment with Flower's switches (FLWR_ENV) and FLWR_HOME=`flwr_home` (created)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(FLWR_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    # Flower starts flower-superexec / flwr-serverapp / flwr-clientapp by name: the venv goes first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(extra or {})
+    return env
+
+
+class Launcher:
+    """Starts the processes of one deployment role (server, device, or both on one machine): each in a
+    session of its own, with Flower's environment and its own FLWR_HOME, its output in LOGS/NAME.log;
+    remembers them so that `stop_all` ends every one."""
+
+    def __init__(self, workdir: Path, logs: Path):
+        self.workdir, self.logs = workdir, logs
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: list[Proc] = []
+        self._lock = threading.Lock()
+
+    def env(self, flwr_home: Path, extra: dict | None = None) -> dict:
+        return flwr_env(flwr_home, extra)
+
+    def spawn(self, name: str, cmd: list[str], flwr_home: Path, extra_env: dict | None = None) -> Proc:
+        """Start `cmd`; its output goes to LOGS/NAME.log (appended)."""
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "ab") as out:
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     env=self.env(flwr_home, extra_env), cwd=str(self.workdir),
+                                     start_new_session=True)
+        return self.adopt(Proc(name, popen, log_path, {popen.pid}))
+
+    def adopt(self, proc: Proc) -> Proc:
+        """Remember a process started elsewhere, so that it is stopped with the others."""
+        with self._lock:
+            self.procs.append(proc)
+        return proc
+
+    def take_all(self) -> list[Proc]:
+        with self._lock:
+            procs, self.procs = list(self.procs), []
+        return procs

@@ -62,6 +62,8 @@ def federated_plan(values: dict, out: Path, parallel: int = 0, given: tuple[str,
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         options |= {"client-resources-num-gpus": gpus / parallel, "init-args-num-gpus": gpus}
+    if values.get("ray-address"):  # an existing cluster brings its own resources (Ray refuses them when joining)
+        options = {k: v for k, v in options.items() if not k.startswith("init-args-")}
     return fed, options
 
 
@@ -88,7 +90,7 @@ def run_federated(values: dict, out: Path, parallel: int = 0, clientapp: str = C
          f"{'' if {'threads', 'llm-threads'} <= set(given) else ' (automatic share of the cores unless given)'}")
     check_federated_start(fed)
     app = write_app(out / "flower" / "app", fed, clientapp=clientapp, files=files)
-    with Deployment(out / "flower", simulation=True, log=echo) as deployment:
+    with Deployment(out / "flower", simulation=True, log=echo, ray_address=fed.get("ray-address", "")) as deployment:
         deployment.start_superlink()
         info = deployment.run(app, echo=echo, federation_config=options)
     path = out / "federated" / "federated.json"

@@ -72,3 +72,68 @@ def test_stop_ends_the_whole_process_tree(tmp_path):
     assert len(tree) == 2
     proc.stop(grace=5)
     assert not set(tree) & set(_proc_table())
+
+
+def test_front_forwards_only_fleet_routes():
+    from flwr.supercore.protobuf.translation import PROTOBUF_REQUEST_TYPES
+
+    from fedhydra.simulations.fleet_front import allowed
+
+    for method, path in PROTOBUF_REQUEST_TYPES:  # flwr 1.41's routes: only the Fleet API's pass
+        assert allowed(method, path.encode(), b"") == path.startswith("/v1/fleet/"), path
+    for raw in (b"/v1/fleet/../control/list-runs", b"/v1/fleet/%2e%2e/control/list-runs", b"/v1/fleet//get-run",
+                b"/v1/fleet/get-run/", b"/v1/fleet%2fget-run", b"/V1/fleet/get-run", b"//v1/fleet/get-run",
+                b"/v1/fleet/", b"/v1/fleet/get-run\n"):
+        assert not allowed("POST", raw, b""), raw
+    assert not allowed("GET", b"/v1/fleet/get-run", b"") and not allowed("POST", b"/v1/fleet/get-run", b"a=1")
+
+
+def test_server_certificate_names_every_public_host(tmp_path):
+    from fedhydra.simulations.certs import san_hosts
+
+    first = ensure_server_certs(tmp_path, hosts=("127.0.0.1", "localhost", "10.1.2.3"))
+    ca = first.ca_cert.read_bytes()
+    assert set(san_hosts(first.server_cert)) == {"127.0.0.1", "localhost", "10.1.2.3"}
+    # A new public host: a new server certificate from the same CA (devices keep their ca.crt).
+    again = ensure_server_certs(tmp_path, hosts=("127.0.0.1", "localhost", "10.1.2.3", "fl.example.org"))
+    assert "fl.example.org" in san_hosts(again.server_cert) and again.ca_cert.read_bytes() == ca
+    ca_cert = x509.load_pem_x509_certificate(ca)
+    x509.load_pem_x509_certificate(again.server_cert.read_bytes()).verify_directly_issued_by(ca_cert)
+
+
+def test_node_keygen_never_overwrites_a_device_key(tmp_path):
+    import pytest
+
+    from fedhydra.simulations.certs import write_node_key
+
+    key = write_node_key(tmp_path / "phone", "phone")
+    assert os.stat(key.private).st_mode & 0o077 == 0 and key.public.read_text().endswith(" phone\n")
+    with pytest.raises(FileExistsError, match="keeps its key"):
+        write_node_key(tmp_path / "phone", "phone")
+
+
+def test_a_device_sets_its_threads_and_llm_endpoint_in_its_node_config(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedhydra.cli.main import build_parser
+    from fedhydra.client.client_app import client_settings
+    from fedhydra.simulations.node_cmd import node_config
+
+    args = build_parser().parse_args(
+        ["node", "start", "--superlink", "10.0.0.1:9092", "--ca", "ca.crt", "--key", "key", "--state", str(tmp_path),
+         "--threads", "3", "--llm", "openai", "--llm-base-url", "http://127.0.0.1:8765/v1", "--llm-model", "m",
+         "--node-config", "llm-threads=2"])
+    config = node_config(args)
+    assert config == {"threads": 3, "llm": "openai", "llm-base-url": "http://127.0.0.1:8765/v1", "llm-model": "m",
+                      "llm-threads": 2}
+    # What the ClientApp on that device runs with: its node config over the run's settings.
+    context = Context(run_id=1, node_id=7, node_config=config | {"state": str(tmp_path)}, state=RecordDict(),
+                      run_config={"threads": 1, "llm": "embedded", "rounds": 2})
+    values = client_settings(context)
+    assert (values["threads"], values["llm"], values["llm-threads"], values["rounds"]) == (3, "openai", 2, 2)
+    import pytest
+
+    bad = build_parser().parse_args(["node", "start", "--superlink", "h:1", "--ca", "c", "--key", "k", "--state", "s",
+                                     "--node-config", "no-such-setting=1"])
+    with pytest.raises(ValueError, match="no-such-setting"):
+        node_config(bad)
