@@ -40,8 +40,15 @@ NODE_KEYS = ("state", "partition-id", "num-partitions")
 
 
 def client_settings(context: Context) -> dict:
-    """Defaults < run config < node config (a node may set its own state folder, threads or LLM)."""
+    """Defaults < run config < node config. A node may set only what is its own (its state folder, threads, its LLM
+    endpoint: the llm group and run-free settings); anything the whole run must agree on (rounds, sizes, seed,
+    privacy) comes from the run config, and a node config that sets it is refused, naming the key."""
     node = dict(context.node_config)
+    shared = sorted(k for k in node if k in settings.SETTINGS and k not in settings.NODE_SETTINGS)
+    if shared:
+        raise StateError(f"node config sets {', '.join(shared)}, which every client of a run must share: set it in "
+                         "the run config (flwr run --run-config) instead; a node may set "
+                         f"{', '.join(settings.NODE_SETTINGS)}")
     return settings.resolve(context.run_config, {k: v for k, v in node.items() if k not in NODE_KEYS},
                             extra_keys=NODE_KEYS) | {k: node[k] for k in NODE_KEYS if k in node}
 

@@ -145,6 +145,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
 )}
 
 GROUPS = ("data", "hydra", "llm", "federation", "privacy")  # the Flower app's: its run config holds exactly these
+# What a SuperNode's node config may set for its own client: its LLM endpoint (the llm group) and what changes
+# nothing the run computes (run-free, e.g. threads). Everything else every client of a run must share.
+NODE_SETTINGS = tuple(k for k, s in SETTINGS.items() if s.group == "llm" or "run-free" in s.tags)
 TITLES = {"data": "data and clients", "central": "centralized evaluation", "runtime": "simulation runtime", "hydra": "HYDRA", "llm": "black-box LLM",
           "federation": "federation", "privacy": "privacy"}
 

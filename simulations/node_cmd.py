@@ -67,6 +67,9 @@ def node_config(args) -> dict:
         key, sep, raw = pair.partition("=")
         if not sep or key not in settings.SETTINGS:
             raise ValueError(f"--node-config {pair!r}: expected KEY=VALUE with a FedHydra setting as KEY")
+        if key not in settings.NODE_SETTINGS:
+            raise ValueError(f"--node-config {key}: every client of a run shares it, so it comes from the run "
+                             f"(the server's `flwr run`); a device may set {', '.join(settings.NODE_SETTINGS)}")
         default = settings.SETTINGS[key].default
         value = (raw.lower() in ("1", "true", "yes", "on")) if isinstance(default, bool) else type(default)(raw)
         values[key] = value

@@ -56,6 +56,17 @@ def test_precedence_node_config_then_run_config_then_defaults():
     assert settings.resolve({"rounds": 2})["rounds"] == 2
 
 
+def test_a_node_config_may_not_change_what_the_whole_run_shares():
+    for key, value in (("rounds", 7), ("seed", 3), ("dp", "record")):
+        ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, key: value}, state=RecordDict(),
+                      run_config=settings.defaults())
+        with pytest.raises(ValueError, match=f"node config sets {key}, which every client of a run must share"):
+            client_settings(ctx)
+    ok = Context(run_id=1, node_id=5, node_config={"threads": 3, "llm": "openai", "llm-base-url": "http://127.0.0.1:9/v1"},
+                 state=RecordDict(), run_config=settings.defaults())
+    assert client_settings(ok)["llm-base-url"] == "http://127.0.0.1:9/v1"
+
+
 @pytest.mark.parametrize("layer, message", [
     ({"no-such-key": 1}, "unknown setting 'no-such-key'"),
     ({"rounds": "three"}, "'rounds' must be a int"),
