@@ -217,8 +217,8 @@ _POOLS_LOCK = threading.Lock()
 
 
 def shared_pool(endpoint: str, concurrency: int, rpm: float = 0, tpm: float = 0) -> RequestPool:
-    """The process's one pool for `endpoint` with these settings: every LLM object made for the same endpoint
-    in this process shares its threads, its in-flight limit and its rate caps."""
+    """The process's one pool for `endpoint` (an LLM's name: backend, URL and model) with these settings: every
+    LLM object made for it in this process shares its threads, its in-flight limit and its rate caps."""
     key = (endpoint, concurrency, float(rpm), float(tpm))
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
