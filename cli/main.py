@@ -42,11 +42,17 @@ RUNS = {
     "demo": (SIMULATED, DEMO, "simulate:simulation_plan"),
     "privacy-sweep": (SIMULATED, {}, "privacy_sweep:sweep_plan"),
     "deploy": (settings.GROUPS, {}, "deploy:deploy_plan"),
+    "server run": (settings.GROUPS, {}, "server_cmd:run_plan"),
 }
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed: `simulate`, or `server run` for a command with actions."""
+    return " ".join(filter(None, (args.command, getattr(args, "server_command", None))))
+
+
 def command_values(args: argparse.Namespace) -> dict:
-    groups, base, _ = RUNS[args.command]
+    groups, base, _ = RUNS[command_name(args)]
     return _values(args, groups, base)
 
 
@@ -54,7 +60,7 @@ def command_plan(args: argparse.Namespace) -> dict:
     """What the command in `args` would run (its plan function), without running it."""
     import importlib
 
-    module, name = RUNS[args.command][2].split(":")
+    module, name = RUNS[command_name(args)][2].split(":")
     return getattr(importlib.import_module(f"fedhydra.simulations.{module}"), name)(args, command_values(args))
 
 

@@ -177,12 +177,18 @@ def wait_for_devices(home: Path, min_nodes: int, timeout: float, poll: float = 5
         time.sleep(poll)
 
 
+def run_plan(args, values: dict) -> dict:
+    """What `fedhydra server run` will submit, decided before anything starts. Every flag lands here."""
+    out = Path(args.out).expanduser().resolve()
+    return {"home": _home(args), "out": out, "values": values | {"out": str(out)}, "timeout": args.timeout,
+            "quiet": args.quiet}
+
+
 def run_command(args, values: dict) -> dict:
     from .app_folder import write_app
 
-    home = _home(args)
-    out = Path(args.out).expanduser().resolve()
-    values = values | {"out": str(out)}
+    plan = run_plan(args, values)
+    home, out, values = plan["home"], plan["out"], plan["values"]
     wait_for_devices(home, int(values["min-nodes"]), float(values["node-wait"]),
                      say=lambda text: print(text, flush=True))
     app = write_app(home / "app", values, name="fedhydra-server-run")
@@ -245,5 +251,6 @@ def add_server_commands(sub, skip: tuple = ()) -> None:
     run.add_argument("--out", required=True, help="results folder on this machine")
     run.add_argument("--timeout", type=float, default=None, help="give up (and stop the run) after this many seconds")
     run.add_argument("--quiet", action="store_true", help="do not stream the run's log")
-    settings.add_arguments(run, settings.GROUPS, skip=("out", "state-root", "train-users", "test-users") + skip)
-    run.set_defaults(func=one_line_errors(lambda a: run_command(a, settings.resolve(settings.from_args(a)))))
+    settings.add_arguments(run, settings.GROUPS, skip=("out", "state-root") + skip)
+    run.set_defaults(func=one_line_errors(
+        lambda a: run_command(a, settings.absolute_paths(settings.resolve(settings.from_args(a))))))

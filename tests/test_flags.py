@@ -21,7 +21,8 @@ from fedhydra.common.synthetic import write_synthetic
 ROOT = Path(__file__).resolve().parents[1]
 # the arguments each command needs besides the flag under test
 REQUIRED = {"evaluate": ["--data", "{data}", "--out", "{tmp}/out"], "simulate": ["--out", "{tmp}/out"],
-            "demo": [], "privacy-sweep": ["--out", "{tmp}/out"], "deploy": ["--out", "{tmp}/out"]}
+            "demo": [], "privacy-sweep": ["--out", "{tmp}/out"], "deploy": ["--out", "{tmp}/out"],
+            "server run": ["--out", "{tmp}/out"]}
 # values that keep a plan valid where "default + 1" would not (the plan checks them)
 CHOSEN = {"k": 5, "retrieve": 8, "fraction-train": 0.5, "dp-delta": 1e-6, "train-users": 10, "test-users": 10, "min-nodes": 3,
           "task": "LaMP_2M", "llm-base-url": "http://127.0.0.1:9/v1", "adapter-margin": "0.5",
@@ -99,7 +100,9 @@ def synth(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("command", list(RUNS))
 def test_every_flag_reaches_the_plan(command, tmp_path, synth):
     parser = build_parser()
-    sub = _subparsers(parser)[command]
+    sub = parser
+    for word in command.split():  # `server run`: a command's action
+        sub = _subparsers(sub)[word]
     base = [a.format(tmp=tmp_path, data=synth) for a in REQUIRED[command]]
     refused, missed = {}, []
     flags = _flags(sub)
@@ -109,7 +112,7 @@ def test_every_flag_reaches_the_plan(command, tmp_path, synth):
         if flag in base:
             continue
         value = _value(command, action, tmp_path, synth)
-        argv = [command, *base, flag] + ([] if value is None else [value])
+        argv = [*command.split(), *base, flag] + ([] if value is None else [value])
         args = parser.parse_args(argv)
         parsed = getattr(args, action.dest)
         try:
