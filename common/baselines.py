@@ -10,7 +10,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from . import prompts
+from . import fit
 from .llm.base import LLM
 from .pipeline import Answer, messages_for
 from .records import User
@@ -47,5 +47,5 @@ class Baseline:
     def answer(self, task: Task, llm: LLM, retriever: Retriever, user: User, seed: int = 0) -> Answer:
         items = self.items(task, retriever, user, seed)
         messages = messages_for(task, llm, user.input, items, self.style, seed)
-        text = llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS[task.kind], seed=seed)[0]
+        text = llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, llm), seed=seed)[0]
         return Answer(text=text.strip(), items=items, candidates=[text])

@@ -35,7 +35,7 @@ import random
 from dataclasses import dataclass
 from statistics import fmean
 
-from . import prompts, selection
+from . import fit, selection
 from .config import MARGIN_AUTO, HydraConfig
 from .llm.base import LLM
 from .metrics import is_correct, rouge_pair
@@ -93,7 +93,7 @@ def reranker_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pq
     for pq in pqs:
         for item in _retrieved(retriever, user, pq, cfg.retrieve):
             messages = messages_for(task, llm, pq.input, [item], cfg.style_or_none, cfg.seed)
-            answer = llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS[task.kind],
+            answer = llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, llm),
                                   seed=cfg.seed)[0].strip()
             if task.kind == "generation":
                 rows.append((pq, item, fmean(rouge_pair(answer, pq.target))))
