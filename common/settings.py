@@ -43,8 +43,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     # --- data: which users, and how they are dealt out to clients
     _S("task", "", "expected LaMP task ('' = the data's; synthetic data: LaMP_2M)", "data"),
     _S("data", "", "LaMP split folder ('' = FedHydra's deterministic synthetic users)", "data", path="in"),
-    _S("data-name", "", "the data set's name in results ('' = the heading of a SOURCES.md or README.md beside the "
-       "data or one folder up, up to ' as ', then ', <task> format'; LaMP's own data: the task's name)", "data",
+    _S("data-name", "", "the data set's name in results, as written ('' = from a SOURCES.md/README.md heading "
+       "'<name> as ...' beside the data or one folder up: '<name>, LaMP-N format'; else the task's name)", "data",
        tags=RUN_FREE),
     _S("clients", 6, "train clients (federated runs)", "data"),
     _S("test-clients", 6, "clients of unseen users, evaluated after training (federated runs)", "data"),

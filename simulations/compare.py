@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedhydra.common import selection
+from fedhydra.common import fit, selection
 from fedhydra.common.baselines import Baseline
 from fedhydra.common.llm.base import LLM
 from fedhydra.common.metrics import evaluate, rating_value, rouge_pair, is_correct
@@ -37,7 +37,7 @@ def run_method(name: str, task: Task, users: list[User], answer: AnswerFn, llm: 
     missing = [u.id for u in users if u.gold is None]
     if missing:
         raise ValueError(f"{name}: users without a gold answer cannot be evaluated: {missing[:5]}")
-    before, t0 = llm.stats.copy(), time.perf_counter()
+    before, t0, fitted = llm.stats.copy(), time.perf_counter(), fit.fit_stats(llm).copy()
     rows = []
     for i, user in enumerate(users, 1):
         a = answer(user)
@@ -47,6 +47,7 @@ def run_method(name: str, task: Task, users: list[User], answer: AnswerFn, llm: 
             print(f"{name}: {i}/{len(users)} users", flush=True)
     used = llm.stats.minus(before)
     result = score_rows(name, task, rows, used.calls, used.tokens, used.cache_hits, time.perf_counter() - t0)
+    result.extra["prompts"] = fit.fit_stats(llm).minus(fitted).as_dict()  # how many were cut to fit, by how much
     return result, rows
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fedhydra.common import settings
 from fedhydra.common.config import HydraConfig
+from fedhydra.common.data import dataset_name
 from fedhydra.common.pipeline import MODES
 from fedhydra.common.llm import default_cache_dir, llm_from_settings
 from fedhydra.common.partition import federated_split, load_users
@@ -156,7 +157,7 @@ def simulation_plan(args: argparse.Namespace, values: dict) -> dict:
     if not test_groups:
         raise ValueError("--test-clients must be at least 1: the methods are compared on the test clients' users")
     values = values | {"cache-dir": str(default_cache_dir(values["cache-dir"] or None).resolve()),
-                       "task": split.task.name}
+                       "task": split.task.name, "data-name": dataset_name(values["data"], split.task, values["data-name"])}
     cfg = HydraConfig.from_settings(values)
     given = tuple(settings.from_args(args))
     fed, options = federated_plan(values, out, args.parallel, given)
@@ -226,7 +227,8 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
     results, predictions = done.results, done.predictions
     order = {m: i for i, m in enumerate(methods)}
     results.sort(key=lambda r: order.get(r.method, len(order)))
-    info = {"data": values["data"] or "synthetic", "clients": f"{values['clients']} train + {values['test-clients']} "
+    info = {"data set": values["data-name"],
+            "data": values["data"] or "synthetic", "clients": f"{values['clients']} train + {values['test-clients']} "
             f"test, {values['users-per-client']} user(s) each, partitioner {values['partitioner']}",
             "strategy": values["strategy"], "rounds per module": values["rounds"], "epochs per round": cfg.epochs,
             "seed": cfg.seed, "llm": llm.name, "prompt style": cfg.style or default_style(task), "preset": cfg.preset,
