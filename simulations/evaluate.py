@@ -26,7 +26,8 @@ from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever
 from fedhydra.common.tasks import Task
 
-from .compare import PROMPT_BASELINES, REFERENCES, ratios, run_baselines, run_references, run_method
+from .compare import (CANDIDATE_RULES, PROMPT_BASELINES, REFERENCES, check_references, ratios, run_baselines,
+                      run_method, run_references)
 from .results import Outcomes, markdown_table, write_results
 
 
@@ -85,14 +86,26 @@ def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], li
     return task, train_users, test_users, source, name
 
 
+DEFAULT_REFERENCES = {"generation": "copy-input,first-words,mbr,closest,oracle",
+                      "rating": "majority-label,user-mean,user-mode,mbr,oracle",
+                      "classification": "majority-label,mbr,oracle"}
+
+
+def default_methods(task: Task) -> str:
+    """`--methods default`: the prompt baselines, the references of the task's kind, the hydra variants."""
+    return f"zero-shot,rag-4,{DEFAULT_REFERENCES[task.kind]},hydra-reranker,hydra-adapter,hydra"
+
+
 def evaluation_plan(args: argparse.Namespace, values: dict) -> dict:
     """What `fedhydra evaluate` will run, decided (and checked) before anything starts. Every flag lands here."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    task, train_users, test_users, source, name = _users(args, values)
+    listed = default_methods(task) if args.methods.strip() == "default" else args.methods
+    methods = [m.strip() for m in listed.split(",") if m.strip()]
     check_methods(methods)
     refs, hydra = [m for m in methods if m in REFERENCES], [m for m in methods if m in MODES]
-    if [m for m in refs if m != "copy-input"] and not ({"hydra", "hydra-adapter"} & set(hydra)):
+    if [m for m in refs if m in CANDIDATE_RULES] and not ({"hydra", "hydra-adapter"} & set(hydra)):
         raise ValueError("mbr, closest and oracle pick among hydra's candidates: add hydra or hydra-adapter")
-    task, train_users, test_users, source, name = _users(args, values)
+    check_references(task, refs)
     return {"methods": methods, "out": Path(args.out), "values": values, "config": HydraConfig.from_settings(values),
             "task": task, "train_users": train_users, "test_users": test_users, "source": source,
             "data_name": name,
@@ -130,7 +143,7 @@ def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
             info["hydra train+fit s"] = report["wall_s"]
             return r, p
         done.attempt(hydra, _hydra)
-    run_references(done, task, test_users, refs)
+    run_references(done, task, test_users, refs, train_users)
     info["wall s"] = round(time.perf_counter() - t0, 1)
     info["peak RSS MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     order = {m: i for i, m in enumerate(methods)}

@@ -122,9 +122,10 @@ def write_results(out: Path, task: Task, results: list[MethodResult], run_info: 
     note = ""
     if ratios:
         base = next(iter(ratios.values()))["baseline"]
-        note = (f"\n\nRatio: each method's {task.metrics[0]} over the best prompt baseline's ({base}) on the same "
-                f"users{' (inverted: lower MAE is better)' if not task.higher_is_better else ''}, with a 95% paired "
-                "bootstrap interval over users.")
+        how = (f"each method's {task.metrics[0]} over the best prompt baseline's ({base})" if task.higher_is_better
+               else f"the best prompt baseline's ({base}) {task.metrics[0]} over each method's, so that above 1 means "
+                    f"a lower error, as for every ratio here (per user: |error|, the rating metric's convention)")
+        note = (f"\n\nRatio: {how}, on the same users, with a 95% paired bootstrap interval over users.")
     note += cut_note(results)
     if failed:
         note += "\n\nFailed (no result): " + "; ".join(f"{name}: {line}" for name, line in failed.items())

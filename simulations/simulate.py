@@ -8,7 +8,8 @@ beside the methods it must beat, on the same unseen test users.
                      the chosen Flower strategy, test clients fit their heads locally and report only
                      metric statistics;
 - hydra-local:       each test client alone: base and heads trained on its own users' history only;
-- copy-input, mbr, closest, oracle: references on the same users (simulations/compare.py).
+- copy-input, first-words, majority-label, user-mean, user-mode, mbr, closest, oracle: references on the same
+  users (simulations/compare.py).
 Train users and test users are disjoint; each simulated client makes its own private state folder under
 OUT/clients from its partition. The LLM answers land in one response cache (cache-dir) that stands for
 the LLM provider, read through by every client's own cache, so identical prompts are answered once.
@@ -35,7 +36,8 @@ from fedhydra.common.prompts import default_style
 from fedhydra.common.tasks import Task
 from fedhydra.server.privacy_statement import markdown_lines
 
-from .compare import PROMPT_BASELINES, REFERENCES, ratios, run_baselines, run_references, run_method
+from .compare import (PROMPT_BASELINES, REFERENCES, check_references, ratios, run_baselines, run_method,
+                      run_references)
 from fedhydra.client.state import ClientState, check_origin, partition_origin
 
 from .app_folder import CLIENTAPP, write_app
@@ -158,6 +160,7 @@ def simulation_plan(args: argparse.Namespace, values: dict) -> dict:
         raise ValueError("--test-clients must be at least 1: the methods are compared on the test clients' users")
     values = values | {"cache-dir": str(default_cache_dir(values["cache-dir"] or None).resolve()),
                        "task": split.task.name, "data-name": dataset_name(values["data"], split.task, values["data-name"])}
+    check_references(split.task, [m for m in methods if m in REFERENCES])
     cfg = HydraConfig.from_settings(values)
     given = tuple(settings.from_args(args))
     fed, options = federated_plan(values, out, args.parallel, given)
@@ -206,7 +209,7 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
             return [r], {"hydra-local": rows}
         done.attempt(["hydra-local"], _local)
     refs = [m for m in methods if m in REFERENCES]
-    run_references(done, task, test_users, refs)
+    run_references(done, task, test_users, refs, plan["train_users"])
     if "hydra-fed" in methods:
         print("federated run (Flower's simulation runtime, flwr run):", flush=True)
         t1 = time.perf_counter()
