@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 from .llm.base import LLMError
 from .tasks import Task
@@ -101,24 +101,23 @@ def counter_for(llm) -> LlamaCounter | EstimateCounter | None:
 
 @dataclass
 class FitStats:
-    """Prompts built for one LLM, how many had to be cut, and the tokens the cuts removed."""
+    """Prompts built for one LLM, and (tokens before, tokens after) of each one that had to be cut."""
 
     prompts: int = 0
-    cut: int = 0
-    tokens_removed: int = 0
-    most_removed: int = 0  # the largest cut of one prompt (a running maximum; minus() keeps the later one)
-    longest_before: int = 0  # the longest prompt before cutting (running maximum)
+    cuts: list = field(default_factory=list)
 
     def copy(self) -> "FitStats":
-        return FitStats(**asdict(self))
+        return FitStats(self.prompts, list(self.cuts))
 
     def minus(self, before: "FitStats") -> "FitStats":
-        return FitStats(self.prompts - before.prompts, self.cut - before.cut,
-                        self.tokens_removed - before.tokens_removed, self.most_removed, self.longest_before)
+        """What was built since `before` (a copy taken earlier)."""
+        return FitStats(self.prompts - before.prompts, self.cuts[len(before.cuts):])
 
     def as_dict(self) -> dict:
-        mean = round(self.tokens_removed / self.cut, 1) if self.cut else 0.0
-        return asdict(self) | {"mean_removed": mean}
+        removed = [b - a for b, a in self.cuts]
+        return {"prompts": self.prompts, "cut": len(self.cuts), "tokens_removed": sum(removed),
+                "mean_removed": round(sum(removed) / len(removed), 1) if removed else 0.0,
+                "most_removed": max(removed, default=0), "longest_before": max((b for b, _ in self.cuts), default=0)}
 
 
 _STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -179,7 +178,6 @@ def fit_messages(llm, build: Callable[[list[str]], list[dict]], texts: list[str]
         return messages
     budget = counter.context_window - max_tokens
     before = counter.prompt_tokens(messages)
-    stats.longest_before = max(stats.longest_before, before)
     if before <= budget:
         return messages
     fixed = counter.prompt_tokens(build([""] * len(texts)))
@@ -193,9 +191,7 @@ def fit_messages(llm, build: Callable[[list[str]], list[dict]], texts: list[str]
         messages = build([counter.cut(t, k) for t, k in zip(texts, kept)])
         after = counter.prompt_tokens(messages)
         if after <= budget:
-            stats.cut += 1
-            stats.tokens_removed += before - after
-            stats.most_removed = max(stats.most_removed, before - after)
+            stats.cuts.append((before, after))
             return messages
         available -= after - budget + 2  # tokens merge or split at the cuts: try again with the excess off
     raise LLMError(f"{what}: could not cut {before} tokens to the {budget} that fit (context window "

@@ -52,7 +52,9 @@ def test_openai_prompts_fit_the_context_window_setting_by_a_conservative_estimat
     assert counter.prompt_tokens(messages) <= 512 - fit.answer_tokens(task, llm)
     text = " ".join(m["content"] for m in messages)
     assert "What is the score of the following review" in text and "short review about picks" in text
-    assert fit.fit_stats(llm).minus(before).cut == 1
+    cut = fit.fit_stats(llm).minus(before).as_dict()
+    assert cut["prompts"] == 1 and cut["cut"] == 1
+    assert cut["longest_before"] > 512 >= cut["longest_before"] - cut["most_removed"]
     # a prompt that fits is sent unchanged (cached answers stay valid)
     small = _user("LaMP_3", "fine", ["ok"])
     assert messages_for(task, llm, small.input, small.profile, None, 0)[-1]["content"] == small.input
@@ -93,8 +95,8 @@ def test_rag4_on_the_longest_review_runs_on_the_embedded_model_and_fits(llm):
     user = max(split.users, key=lambda u: max(len(u.input), *(len(p["text"]) for p in u.profile)))
     cut_before, stats_before = fit.fit_stats(llm).copy(), llm.stats.copy()
     answer = Baseline.parse("rag-4").answer(task, llm, Retriever(task), user)
-    cut, used = fit.fit_stats(llm).minus(cut_before), llm.stats.minus(stats_before)
-    assert cut.prompts == 1 and cut.cut == 1 and cut.longest_before > llm.llm.llm.context_window
+    cut, used = fit.fit_stats(llm).minus(cut_before).as_dict(), llm.stats.minus(stats_before)
+    assert cut["prompts"] == 1 and cut["cut"] == 1 and cut["longest_before"] > llm.llm.llm.context_window
     assert used.calls == 1 and used.completion_tokens <= 1  # a rating asks for one token
     assert used.prompt_tokens + 1 <= llm.llm.llm.context_window  # the model's own count of what it was sent
     assert answer.items and len(answer.candidates) == 1
