@@ -1,11 +1,11 @@
 """The Flower ClientApp: Flower's messages in, client/trainer.py's work, Flower's messages out.
 
-Messages (all sent by server/server_app.py):
-- query.describe:      -> counts of train / test users and the task name
-- query.install:       a module's final shared arrays to keep (the reranker, before the adapter rounds)
-- train:               one module's shared arrays -> the same arrays trained, and training metrics
-- evaluate.calibrate:  the final adapter -> additive sums per adapter margin over held-out training queries
-- evaluate:            both final modules + the margin -> additive metric statistics of the unseen users
+Messages (all sent by server/server_app.py; their keys and pack/unpack helpers: common/protocol.py):
+- DESCRIBE:   -> counts of train / test users and the task name
+- INSTALL:    a module's final shared arrays to keep (the reranker, before the adapter rounds)
+- TRAIN:      one module's shared arrays -> the same arrays trained, and training metrics
+- CALIBRATE:  the final adapter -> additive sums per adapter margin over held-out training queries
+- EVALUATE:   both final modules + the margin -> additive metric statistics of the unseen users
 Only shared arrays and numbers ever leave (tests/test_federation.py checks every reply).
 Privacy (PRIVACY.md): the train handler runs inside client/train_mods.py's mods, each switched on by the
 client's own settings: SecAgg+ (secagg), Flower's fixed clipping of the update (dp=user or secagg), and
@@ -21,13 +21,13 @@ from __future__ import annotations
 from logging import INFO
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.logger import log
 
+from fedhydra.common import protocol as p
 from fedhydra.common import settings
 from fedhydra.common.config import HydraConfig
 
@@ -78,20 +78,6 @@ def _say(values: dict):
     return lambda text: log(INFO, "[fedhydra %s] %s", who, text)
 
 
-def _arrays(msg: Message) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in msg.content["arrays"].items()}
-
-
-def _reply(msg: Message, metrics: dict, arrays: dict[str, np.ndarray] | None = None,
-           config: dict | None = None) -> Message:
-    content = {"metrics": MetricRecord(metrics)}
-    if arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    if config is not None:
-        content["config"] = ConfigRecord(config)
-    return Message(RecordDict(content), reply_to=msg)
-
-
 def _setup(context: Context):
     values = client_settings(context)
     trainer.set_threads(int(values["threads"]))
@@ -102,39 +88,37 @@ def _setup(context: Context):
 def describe(msg: Message, context: Context) -> Message:
     values = client_settings(context)
     state = client_state(values)
-    return _reply(msg, {"train-users": len(state.user_ids("train")), "test-users": len(state.user_ids("test"))},
-                  config={"task": state.task.name})
+    return p.describe_reply(msg, len(state.user_ids("train")), len(state.user_ids("test")), state.task.name)
 
 
 def install(msg: Message, context: Context) -> Message:
     values, state, cfg, say = _setup(context)
-    trainer.install(state, cfg, _arrays(msg))
-    say(f"installed the final {msg.content['config']['module']}")
-    return _reply(msg, {"arrays": len(msg.content["arrays"])})
+    arrays = p.arrays_of(msg)
+    trainer.install(state, cfg, arrays)
+    say(f"installed the final {p.install_module(msg)}")
+    return p.install_reply(msg, len(arrays))
 
 
 def train(msg: Message, context: Context) -> Message:
     values, state, cfg, say = _setup(context)
-    config = msg.content["config"]
+    request = p.TrainRequest.unpack(msg, int(values["rounds"]))
     llm = trainer.client_llm(state, values)
-    arrays, metrics = trainer.train_round(state, llm, cfg, str(config["module"]), _arrays(msg),
-                                          int(config["round"]), str(config.get("reranker-digest", "")),
-                                          proximal_mu=float(config.get("proximal-mu", 0.0)), say=say,
+    arrays, metrics = trainer.train_round(state, llm, cfg, request.module, request.arrays, request.server_round,
+                                          request.reranker_digest, proximal_mu=request.proximal_mu, say=say,
                                           privacy=DPSettings.from_settings(values))
-    return _reply(msg, metrics, arrays)
+    return p.reply(msg, metrics, arrays)
 
 
 def calibrate(msg: Message, context: Context) -> Message:
     values, state, cfg, say = _setup(context)
-    return _reply(msg, trainer.calibration_sums(state, trainer.client_llm(state, values), cfg, _arrays(msg), say))
+    return p.reply(msg, trainer.calibration_sums(state, trainer.client_llm(state, values), cfg, p.arrays_of(msg), say))
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     values, state, cfg, say = _setup(context)
-    margin = float(msg.content["config"]["margin"])
-    metrics = trainer.fit_and_evaluate(state, trainer.client_llm(state, values), cfg, _arrays(msg),
-                                       None if margin < 0 else margin, say=say)
-    return _reply(msg, metrics)
+    stats, extra = trainer.fit_and_evaluate(state, trainer.client_llm(state, values), cfg, p.arrays_of(msg),
+                                            p.evaluate_margin(msg), say=say)
+    return p.evaluate_reply(msg, stats, extra)
 
 
 def _when(test, mod):
@@ -166,11 +150,11 @@ def build_app(mods: list | None = None, inner_train_mods: list | None = None) ->
     """The ClientApp; `mods` wrap every message (tests record every reply with one), `inner_train_mods`
     the train handler inside the privacy mods (see train_mods)."""
     client_app = ClientApp(mods=mods or [])
-    client_app.query("describe")(describe)
-    client_app.query("install")(install)
-    client_app.train(mods=train_mods(inner_train_mods))(train)
-    client_app.evaluate("calibrate")(calibrate)
-    client_app.evaluate()(evaluate)
+    p.DESCRIBE.register(client_app, describe)
+    p.INSTALL.register(client_app, install)
+    p.TRAIN.register(client_app, train, mods=train_mods(inner_train_mods))
+    p.CALIBRATE.register(client_app, calibrate)
+    p.EVALUATE.register(client_app, evaluate)
     return client_app
 
 

@@ -39,9 +39,10 @@ from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever, UserIndex
 from fedhydra.common.tasks import PROFILE_FIELDS, TASKS, Task
 
-from .state import MODULES, ClientState, StateError, check_user_id
+from fedhydra.common.protocol import ADAPTER, ANSWER_MODES, FULL, MODULES, RERANKER
 
-MODES = ("full", "reranker", "adapter")
+from .state import ClientState, StateError, check_user_id
+
 log = logging.getLogger("fedhydra.service")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls except tab, newline, CR
 
@@ -262,12 +263,12 @@ class Personalizer:
 
     @staticmethod
     def check_mode(mode: str) -> str:
-        if mode not in MODES:
-            raise BadRequest(f"mode {mode!r} is unknown; modes: {', '.join(MODES)}")
+        if mode not in ANSWER_MODES:
+            raise BadRequest(f"mode {mode!r} is unknown; modes: {', '.join(ANSWER_MODES)}")
         return mode
 
     # ------------------------------------------------------------------ calls
-    def personalize(self, user_id: str, text: str, task: str = "", mode: str = "full") -> Personalized:
+    def personalize(self, user_id: str, text: str, task: str = "", mode: str = FULL) -> Personalized:
         """HYDRA's answer for `text` from user `user_id`, with what it used."""
         start = time.perf_counter()
         self.check_task(task)
@@ -285,8 +286,8 @@ class Personalizer:
             answer = pipeline.answer(query_user, mode)
             used = self.llm.stats.minus(before)
         self.requests_served = next(self._served) + 1
-        return Personalized(answer, used, _head(models.reranker, user_id, mode != "adapter"),
-                            _head(models.adapter, user_id, mode != "reranker"), models.version,
+        return Personalized(answer, used, _head(models.reranker, user_id, mode != ADAPTER),
+                            _head(models.adapter, user_id, mode != RERANKER), models.version,
                             self.task.name, (time.perf_counter() - start) * 1000)
 
     def add_history(self, user_id: str, items: list[dict]) -> tuple[list[str], int]:

@@ -28,8 +28,9 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +40,7 @@ from opacus.grad_sample import GradSampleHooks  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
 from torch import nn
 
+from fedhydra.common import protocol as p
 from fedhydra.common import training
 from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
 from fedhydra.common.training import CandidateGroup, Example
@@ -184,20 +186,58 @@ def private_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
-def dp_optimizer(groups: list[dict], plan: Plan, expected_units: float, device: torch.device) -> DPOptimizer:
-    """AdamW (HYDRA's) under Opacus's DPOptimizer: clip each unit to the plan's C, noise std z*C from a private
-    generator, divide by the expected number of units per batch."""
-    opt, _ = training.adamw_linear_decay(groups, plan.steps_per_round)
-    return DPOptimizer(opt, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip,
-                       expected_batch_size=expected_units, loss_reduction="mean",
-                       generator=private_generator(device))
+@dataclass
+class RecordDPSGD:
+    """DP-SGD as training.train_stage's `private` option (training.PrivateSteps): Poisson-sampled batches of
+    privacy units, per-unit gradients clipped to the plan's C and noised (Opacus's DPOptimizer around
+    train_stage's AdamW), every noised step counted by the ledger's accountant."""
+
+    dp_plan: Plan
+    ledger: PrivacyLedger
+    units: list[Unit] = field(default_factory=list)
+
+    def plan(self, examples: list[Example], epochs: int) -> list[list[Unit]]:
+        """The plan's steps, epoch by epoch (Opacus's Poisson 'epoch': 1 / sample rate steps), each a Poisson
+        sample of the units drawn from a private generator. An empty batch still releases an all-noise step."""
+        plan, self.units = self.dp_plan, privacy_units(examples)
+        sampler = private_generator(torch.device("cpu"))
+        steps = [[u for u, keep in zip(self.units, (torch.rand(len(self.units), generator=sampler)
+                                                    < plan.sample_rate).tolist()) if keep]
+                 for _ in range(plan.steps_per_round)]
+        per_epoch = round(1 / plan.sample_rate)
+        return [steps[e:e + per_epoch] for e in range(0, len(steps), per_epoch)]
+
+    @contextmanager
+    def steps(self, model: HydraScorer, params: list[nn.Parameter], opt: torch.optim.Optimizer, sched,
+              anchor: list[torch.Tensor], proximal_mu: float) -> Iterator[Callable[[list[Unit]], training.Step]]:
+        plan = self.dp_plan
+        optimizer = DPOptimizer(opt, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip,
+                                expected_batch_size=plan.sample_rate * len(self.units), loss_reduction="mean",
+                                generator=private_generator(model.device))
+        optimizer.attach_step_hook(self.ledger.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+        hooks = grad_sample_hooks(model)
+
+        def step(batch: list[Unit]) -> training.Step:
+            loss, right = unit_grad_samples(model, batch, params, plan.batch_size)
+            _dp_step(optimizer, model, anchor, proximal_mu)
+            sched.step()
+            return training.Step({"loss": loss}, right, len(batch), weight=len(batch))
+
+        try:
+            with warnings.catch_warnings():
+                # The first top layer's inputs need no gradient (frozen features): torch's note is expected.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                yield step
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            hooks.cleanup()
 
 
 def train_record_dp(model: HydraScorer, examples: list[Example], ledger: PrivacyLedger, dp: DPSettings, *,
                     module: str, server_round: int, epochs: int, lr: float, head_lr: float | None = None,
                     batch_size: int, weight_decay: float = 0.01, seed: int = 0, proximal_mu: float = 0.0,
                     say: Say | None = None) -> dict:
-    """One round of record-level DP-SGD on `model` (train_stage's job under DP); saves the ledger.
+    """One round of record-level DP-SGD on `model` (train_stage with RecordDPSGD); saves the ledger.
 
     The first round fixes the plan (noise multiplier for all planned rounds); a round that would take epsilon
     past the cap is not run: the report says exhausted and nothing changes. Returns train_stage's report
@@ -216,7 +256,9 @@ def train_record_dp(model: HydraScorer, examples: list[Example], ledger: Privacy
         return {**base, "exhausted": True, "steps": 0, "total_steps": ledger.total_steps,
                 "epsilon": ledger.epsilon(dp.delta), "item_epsilon": ledger.item_epsilon(dp.delta),
                 "seconds": time.perf_counter() - start}
-    report = _run_steps(model, units, plan, lr, head_lr, weight_decay, seed, proximal_mu, ledger, say)
+    report = training.train_stage(model, examples, epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size,
+                                  weight_decay=weight_decay, seed=seed, proximal_mu=proximal_mu, progress=False,
+                                  private=RecordDPSGD(plan, ledger))
     counted = ledger.total_steps - sum(r.steps for r in ledger.rounds)
     if counted != plan.steps_per_round:
         raise RuntimeError(f"the accountant counted {counted} steps this round, the plan has {plan.steps_per_round}")
@@ -226,59 +268,13 @@ def train_record_dp(model: HydraScorer, examples: list[Example], ledger: Privacy
     entry.item_epsilon = ledger.item_epsilon(dp.delta)  # over every round so far, this one included
     ledger.save()  # before the caller saves the models: spent privacy is recorded before anything uses it
     if say:
+        say(f"DP-SGD: {plan.steps_per_round} steps, {report['items']} units sampled, noise multiplier "
+            f"{plan.noise_multiplier:.3f}, clip {plan.clip}")
         say(f"record-level DP {module} round {server_round}: epsilon {entry.epsilon:.3f} for a unit, "
             f"{entry.item_epsilon:.3f} for an item (K={k}) at delta {dp.delta:g}")
-    return {**base, **report, "exhausted": False, "steps": plan.steps_per_round, "total_steps": ledger.total_steps,
+    return {**base, "loss": report["loss"], "accuracy": report["accuracy"], "sampled_units": report["items"],
+            "exhausted": False, "steps": plan.steps_per_round, "total_steps": ledger.total_steps,
             "epsilon": entry.epsilon, "item_epsilon": entry.item_epsilon, "seconds": time.perf_counter() - start}
-
-
-def _run_steps(model: HydraScorer, units: list[Unit], plan: Plan, lr: float, head_lr: float | None,
-               weight_decay: float, seed: int, proximal_mu: float, ledger: PrivacyLedger, say: Say | None) -> dict:
-    """The round's Poisson steps; the accountant counts each noised step through Opacus's optimizer hook."""
-    was_training = model.training
-    users = list(dict.fromkeys(u.user_id for u in units))
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []), \
-            warnings.catch_warnings():
-        # The first top layer's inputs need no gradient (frozen features): torch's note about that is expected.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        torch.manual_seed(seed)  # dropout and new heads as in train_stage; the DP randomness is private below
-        for uid in users:
-            if not model.has_user(uid):
-                model.add_user(uid, from_default=True)
-        heads = [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]]
-        groups = (training.param_groups(model.shared_modules(), lr, weight_decay)
-                  + training.param_groups(heads, head_lr or lr, weight_decay))
-        params = [p for g in groups for p in g["params"]]
-        anchor = [p.detach().clone() for p in model.trainable_base_parameters()] if proximal_mu else []
-        optimizer = dp_optimizer(groups, plan, plan.sample_rate * len(units), model.device)
-        optimizer.attach_step_hook(ledger.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer.original_optimizer, lambda step: max(0.0, 1.0 - step / plan.steps_per_round))
-        sampler = private_generator(torch.device("cpu"))
-        hooks = grad_sample_hooks(model)
-        loss_sum, sampled, correct_last, seen_last = 0.0, 0, 0, 0
-        last_epoch = plan.steps_per_round - round(1 / plan.sample_rate)
-        model.train()  # from_pretrained leaves modules in eval mode; Opacus captures nothing then (STACK.md §6)
-        try:
-            for step in range(plan.steps_per_round):
-                keep = (torch.rand(len(units), generator=sampler) < plan.sample_rate).tolist()
-                batch = [u for u, k in zip(units, keep) if k]
-                # An empty Poisson batch still releases a noised (all-noise) step.
-                loss, right = unit_grad_samples(model, batch, params, plan.batch_size)
-                loss_sum, sampled = loss_sum + loss, sampled + len(batch)
-                if step >= last_epoch:
-                    correct_last, seen_last = correct_last + right, seen_last + len(batch)
-                _dp_step(optimizer, model, anchor, proximal_mu)
-                schedule.step()
-        finally:
-            optimizer.zero_grad(set_to_none=True)
-            hooks.cleanup()
-            model.train(was_training)
-    if say:
-        say(f"DP-SGD: {plan.steps_per_round} steps, {sampled} units sampled, noise multiplier "
-            f"{plan.noise_multiplier:.3f}, clip {plan.clip}")
-    return {"loss": loss_sum / max(sampled, 1), "accuracy": correct_last / max(seen_last, 1),
-            "sampled_units": sampled}
 
 
 def _dp_step(optimizer: DPOptimizer, model: HydraScorer, anchor: list[torch.Tensor], proximal_mu: float) -> None:
@@ -306,10 +302,10 @@ def reply_metrics(report: dict) -> dict[str, float]:
     dp-total-steps      DP-SGD steps of this client over all rounds, runs and restarts
     dp-units            privacy units (pseudo-queries) of this round's module"""
     plan: Plan = report["plan"]
-    return {"dp-exhausted": int(report["exhausted"]), "dp-epsilon-spent": float(report["epsilon"]),
-            "dp-item-epsilon": float(report["item_epsilon"]), "dp-item-units": int(report["item_units"]),
-            "dp-delta": float(report["delta"]), "dp-noise-multiplier": float(plan.noise_multiplier),
-            "dp-clip": float(plan.clip), "dp-sample-rate": float(plan.sample_rate),
-            "dp-steps": int(report["steps"]), "dp-total-steps": int(report["total_steps"]),
-            "dp-units": int(report["units"])}
+    return {p.DP_EXHAUSTED: int(report["exhausted"]), p.DP_EPSILON: float(report["epsilon"]),
+            p.DP_ITEM_EPSILON: float(report["item_epsilon"]), p.DP_ITEM_UNITS: int(report["item_units"]),
+            p.DP_DELTA: float(report["delta"]), p.DP_NOISE_MULTIPLIER: float(plan.noise_multiplier),
+            p.DP_CLIP: float(plan.clip), p.DP_SAMPLE_RATE: float(plan.sample_rate),
+            p.DP_STEPS: int(report["steps"]), p.DP_TOTAL_STEPS: int(report["total_steps"]),
+            p.DP_UNITS: int(report["units"])}
 

@@ -51,7 +51,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis  # noqa: E402
 from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 
 from fedhydra.common.files import write_atomic
-from fedhydra.common.hydra import MODULES
+from fedhydra.common.protocol import MODULES
 
 FORMAT = "fedhydra-privacy/1"
 EPSILON_TOLERANCE = 0.01  # get_noise_multiplier's search precision: the plan spends at most the target
@@ -201,13 +201,8 @@ class PrivacyLedger:
                "accountant": {**self.accountant.state_dict(),
                               "history": [list(h) for h in self.accountant.history]},
                "rounds": [asdict(r) for r in self.rounds]}
-        write_atomic(self.path, json.dumps(doc, indent=1) + "\n")
-        for target in (self.path, self.path.parent):  # on disk before the round's reply: a crash must not undercount
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        # durable: on disk before the round's reply, so a crash must not undercount
+        write_atomic(self.path, json.dumps(doc, indent=1) + "\n", durable=True)
 
     @property
     def total_steps(self) -> int:

@@ -35,14 +35,16 @@ from fedhydra.common.llm.serve import is_loopback_host
 from fedhydra.proto import personalizer_v1_pb2 as pb
 from fedhydra.proto import personalizer_v1_pb2_grpc as pb_grpc
 
-from .personalizer import MODES, BadRequest, ItemExists, Personalizer, UnknownUser
+from fedhydra.common.protocol import ANSWER_MODES, FULL
+
+from .personalizer import BadRequest, ItemExists, Personalizer, UnknownUser
 
 API_VERSION = "fedhydra.v1"
 TOKEN_ENV = "FEDHYDRA_SERVICE_TOKEN"
 log = logging.getLogger("fedhydra.service")
 
-_MODE_NAMES = {pb.MODE_UNSPECIFIED: "full", pb.MODE_FULL: "full", pb.MODE_RERANKER: "reranker",
-               pb.MODE_ADAPTER: "adapter"}
+# the wire's Mode enum (proto/personalizer_v1.proto: MODE_<ANSWER MODE>) -> answer mode; unset means full
+_MODE_NAMES = {pb.MODE_UNSPECIFIED: FULL} | {pb.Mode.Value(f"MODE_{m.upper()}"): m for m in ANSWER_MODES}
 
 
 def _usage(stats) -> pb.LlmUsage:
@@ -219,7 +221,7 @@ def _version() -> str:
 
 __all__ = [
     "API_VERSION",
-    "MODES",
+    "ANSWER_MODES",
     "TLS",
     "TOKEN_ENV",
     "PersonalizerServicer",

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from fedhydra.common.protocol import ANSWER_MODES, FULL
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
@@ -186,7 +188,7 @@ def add_client_commands(sub) -> None:
     a.add_argument("--user", required=True, help="user id held by the serving client")
     a.add_argument("input", help="the task's content (e.g. a movie description or a tweet); '-' reads stdin")
     a.add_argument("--task", default=None, help="LaMP task name (default: the one the service serves)")
-    a.add_argument("--mode", choices=("full", "reranker", "adapter"), default="full",
+    a.add_argument("--mode", choices=ANSWER_MODES, default=FULL,
                    help="full: reranked history + adapter choice (default); reranker: greedy answer; "
                         "adapter: no history in the prompt")
     a.add_argument("--json", action="store_true", help="print the whole response as JSON")

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-MODES = {"full": 1, "reranker": 2, "adapter": 3}
+from fedhydra.common.protocol import ANSWER_MODES, FULL
+
 
 
 class ServiceError(RuntimeError):
@@ -84,11 +85,11 @@ class PersonalizerClient:
         except self._grpc.RpcError as exc:
             raise ServiceError(exc.code().name, exc.details() or "") from None
 
-    def personalize(self, user_id: str, text: str, task: str = "", mode: str = "full") -> PersonalizeResult:
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r} is unknown; modes: {', '.join(MODES)}")
+    def personalize(self, user_id: str, text: str, task: str = "", mode: str = FULL) -> PersonalizeResult:
+        if mode not in ANSWER_MODES:
+            raise ValueError(f"mode {mode!r} is unknown; modes: {', '.join(ANSWER_MODES)}")
         r = self._call(self._stub.Personalize, self._pb.PersonalizeRequest(
-            user_id=user_id, task=task, input=text, mode=MODES[mode]))
+            user_id=user_id, task=task, input=text, mode=self._pb.Mode.Value(f"MODE_{mode.upper()}")))
         return PersonalizeResult(
             answer=r.answer,
             candidates=[Candidate(c.text, c.score if c.HasField("score") else None, c.chosen) for c in r.candidates],

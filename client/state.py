@@ -32,13 +32,13 @@ from fedhydra.common.config import HydraConfig
 from fedhydra.common.files import write_atomic
 from fedhydra.common.hydra import HydraModels
 from fedhydra.common.partition import users_task
+from fedhydra.common.protocol import MODULES
 from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.records import User
 from fedhydra.common.tasks import PROFILE_FIELDS, Task, get_task
 from fedhydra.common.training import CandidateGroup, ScoredExample
 
 FORMAT = "fedhydra-client/1"
-MODULES = ("reranker", "adapter")
 ROLES = ("train", "test")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -175,9 +175,7 @@ class ClientState:
             added.append(item)
         user.profile = user.profile + added
         path = self.folder / "history" / f"{user_id}.json"
-        _write_user(path, user)
-        if durable:
-            _fsync(path)
+        _write_user(path, user, durable)
         return user
 
     # ------------------------------------------------------------------ models, labels, LLM cache
@@ -198,8 +196,8 @@ class ClientState:
         return HydraModels(reranker, adapter)
 
     def save_models(self, models: HydraModels) -> None:
-        models.reranker.save(self.model_path("reranker"))
-        models.adapter.save(self.model_path("adapter"))
+        for module in MODULES:
+            getattr(models, module).save(self.model_path(module))
 
     def config(self) -> HydraConfig | None:
         path = self.folder / "config.json"
@@ -238,16 +236,6 @@ class ClientState:
         return f"ClientState({str(self.folder)!r}, task={self.task.name}, users={len(self.roles)})"
 
 
-def _write_user(path: Path, user: User) -> None:
+def _write_user(path: Path, user: User, durable: bool = False) -> None:
     raw = {"id": user.id, "input": user.input, "gold": user.gold, "profile": user.profile}
-    write_atomic(path, json.dumps(raw, ensure_ascii=False) + "\n")
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file written by write_atomic and its folder entry (the rename) to disk."""
-    for target in (path, path.parent):
-        fd = os.open(target, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    write_atomic(path, json.dumps(raw, ensure_ascii=False) + "\n", durable=durable)

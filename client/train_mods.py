@@ -15,16 +15,16 @@ settings ask for it, so a client configured for DP refuses a message that lacks 
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-ARRAY_NAMES = "array-names"  # server/secagg.py lists the arrays' names in the fit config, "\n"-joined
-# What a DP client's train reply may still say: costs and weights, not statistics of its data. Keys starting
-# with "dp-" are privacy reports (record mode's accountant), public by design. Everything else (loss,
+from fedhydra.common import protocol as p
+from fedhydra.common.protocol import ARRAY_NAMES, PUBLIC_TRAIN_METRICS
+
+# PUBLIC_TRAIN_METRICS: what a DP client's train reply may still say (costs and weights, not statistics of its
+# data) and "dp-..." privacy reports (record mode's accountant), public by design. Everything else (loss,
 # accuracy, example and user counts) is dropped; the privacy statement lists what remains as not covered.
-PUBLIC_TRAIN_METRICS = ("num-examples", "llm-calls", "tokens", "cache-hits", "seconds")
 
 
 def public_metrics_mod(msg: Message, context: Context, call_next, dp: bool = True) -> Message:
@@ -34,8 +34,8 @@ def public_metrics_mod(msg: Message, context: Context, call_next, dp: bool = Tru
     if reply.has_error():
         return reply
     for name, record in list(reply.content.metric_records.items()):
-        kept = {k: v for k, v in record.items() if not dp or k in PUBLIC_TRAIN_METRICS or k.startswith("dp-")}
-        reply.content.metric_records[name] = MetricRecord(kept | {"num-examples": 1})
+        kept = {k: v for k, v in record.items() if not dp or k in PUBLIC_TRAIN_METRICS or k.startswith(p.DP_PREFIX)}
+        reply.content.metric_records[name] = MetricRecord(kept | {p.NUM_EXAMPLES: 1})
     return reply
 
 
@@ -48,12 +48,11 @@ def legacy_fit_mod(msg: Message, context: Context, call_next) -> Message:
     sent = parameters_to_ndarrays(fitins.parameters)
     if len(names) != len(sent):
         raise ValueError(f"a SecAgg+ fit message carries {len(sent)} arrays but names {len(names)}")
-    msg.content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in zip(names, sent)}),
-                              "config": ConfigRecord(config)})
+    msg.content = RecordDict({p.ARRAYS: p.array_record(dict(zip(names, sent))), p.CONFIG: ConfigRecord(config)})
     reply = call_next(msg, context)
     if reply.has_error():
         raise RuntimeError(f"training failed under SecAgg+: {reply.error.reason}")
-    trained = reply.content["arrays"]
+    trained = reply.content[p.ARRAYS]
     if list(trained.keys()) != names:
         raise ValueError("the train reply's arrays are not the ones the SecAgg+ fit message carried")
     delta = [trained[k].numpy() - v for k, v in zip(names, sent)]

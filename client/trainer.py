@@ -27,6 +27,7 @@ from dataclasses import replace
 import torch
 
 from fedhydra.common import hydra, settings, training
+from fedhydra.common import protocol as p
 from fedhydra.common.config import HydraConfig
 from fedhydra.common.llm import CachedLLM, ResponseCache, llm_from_settings
 from fedhydra.common.llm.base import LLM
@@ -47,7 +48,8 @@ def client_llm(state: ClientState, values: dict) -> LLM:
     """The black-box LLM behind the client's own response cache. The cache-dir setting (simulations) is a
     second, read-through cache standing for the LLM provider's: identical prompts from the centralized
     baseline and other clients are answered once."""
-    key = tuple(values.get(k) for k in ("llm", "llm-base-url", "llm-model", "llm-api-key-env", "llm-threads"))
+    key = tuple(values.get(k) for k in ("llm", "llm-base-url", "llm-model", "llm-api-key-env", "llm-threads",
+                                        "llm-concurrency", "llm-rpm", "llm-tpm"))
     if key not in _BACKENDS:  # one model per process: a simulation actor serves many clients in turn
         _BACKENDS[key] = llm_from_settings(values, cache=False)
     llm = _BACKENDS[key]
@@ -71,7 +73,7 @@ def _label_key(cfg: HydraConfig, module: str, role: str, llm: LLM, models: hydra
     what = {"module": module, "role": role, "llm": llm.name,
             "config": {k: v for k, v in cfg.as_dict().items() if k not in LABEL_FREE}}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
-    if module == "adapter":
+    if module == p.ADAPTER:
         for name, tensor in sorted(models.reranker.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -94,8 +96,8 @@ def module_examples(state: ClientState, module: str, role: str, llm: LLM, cfg: H
 
 def _usage(llm: LLM, before, t0: float) -> dict:
     used = llm.stats.minus(before)
-    return {"llm-calls": used.calls, "tokens": used.tokens, "cache-hits": used.cache_hits,
-            "seconds": time.perf_counter() - t0}
+    return {p.LLM_CALLS: used.calls, p.TOKENS: used.tokens, p.CACHE_HITS: used.cache_hits,
+            p.SECONDS: time.perf_counter() - t0}
 
 
 def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, shared: dict, server_round: int,
@@ -103,12 +105,12 @@ def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, sha
                 say: Say | None = None, privacy: DPSettings | None = None) -> tuple[dict, dict]:
     """One local training of `module`; returns (its shared arrays, metrics). `privacy` with mode "record":
     DP-SGD, and the metrics carry the privacy statement (privacy.reply_metrics)."""
-    if module not in hydra.MODULES:
-        raise ValueError(f"unknown module {module!r}; modules: {hydra.MODULES}")
+    if module not in p.MODULES:
+        raise ValueError(f"unknown module {module!r}; modules: {p.MODULES}")
     t0, before = time.perf_counter(), llm.stats.copy()
     models = load_models(state, cfg, device)
-    if module == "adapter" and reranker_digest:
-        held = hydra.digest({k: v.numpy() for k, v in hydra.shared_arrays(models, ("reranker",)).items()})
+    if module == p.ADAPTER and reranker_digest:
+        held = hydra.digest({k: v.numpy() for k, v in hydra.shared_arrays(models, (p.RERANKER,)).items()})
         if held != reranker_digest:
             raise RuntimeError(f"client {state.folder} does not hold the final reranker the adapter rounds assume "
                                "(it missed the install message); it sits this round out")
@@ -128,7 +130,7 @@ def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, sha
             if say:
                 say(f"record-level DP budget spent (epsilon {report['epsilon']:.3f} of {privacy.cap:g}): "
                     f"{module} round {server_round} not trained, arrays returned unchanged")
-            return dict(shared), {"num-examples": 1, "users": report["users"], "loss": 0.0, "accuracy": 0.0,
+            return dict(shared), {p.NUM_EXAMPLES: 1, p.USERS: report["users"], p.LOSS: 0.0, p.ACCURACY: 0.0,
                                   **_usage(llm, before, t0), **dp_metrics}
     else:
         report = training.train_stage(model, examples, seed=seed, proximal_mu=proximal_mu, say=say,
@@ -136,8 +138,8 @@ def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, sha
     model.clear_cache()
     state.save_models(models)
     state.save_config(cfg)
-    metrics = {"num-examples": report["examples"], "users": report["users"], "loss": report["loss"],
-               "accuracy": report["accuracy"], **_usage(llm, before, t0), **dp_metrics}
+    metrics = {p.NUM_EXAMPLES: report["examples"], p.USERS: report["users"], p.LOSS: report["loss"],
+               p.ACCURACY: report["accuracy"], **_usage(llm, before, t0), **dp_metrics}
     arrays = {k: v.numpy() for k, v in hydra.shared_arrays(models, (module,)).items()}
     return {k: arrays[k] for k in shared}, metrics  # the order the message came in (mods match arrays by position)
 
@@ -154,7 +156,7 @@ def calibration_sums(state: ClientState, llm: LLM, cfg: HydraConfig, adapter: di
     (not noised: outside the record-level DP guarantee)."""
     models = load_models(state, cfg, device)
     hydra.load_shared_arrays(models, adapter)
-    examples = module_examples(state, "adapter", "train", llm, cfg, models, say)
+    examples = module_examples(state, p.ADAPTER, "train", llm, cfg, models, say)
     sums = hydra.calibration_sums(state.task, models.adapter, examples)
     if say:
         say(f"calibration: {int(sums.get('queries', 0))} held-out queries scored")
@@ -162,9 +164,10 @@ def calibration_sums(state: ClientState, llm: LLM, cfg: HydraConfig, adapter: di
 
 
 def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dict, margin: float | None,
-                     device: str | None = None, say: Say | None = None) -> dict[str, float]:
+                     device: str | None = None, say: Say | None = None) -> tuple[dict[str, float], dict]:
     """Fit the unseen users' heads on their history (base frozen) and answer their queries with `margin`
-    (None: greedy). Returns additive metric statistics over the users (metrics.metric_stats) plus costs.
+    (None: greedy). Returns (additive metric statistics over the users (metrics.metric_stats), the users
+    and costs).
     Outside every DP guarantee (dp=record covers only train rounds, client/privacy.py): the fit, the answers
     and these statistics are computed without noise."""
     t0, before = time.perf_counter(), llm.stats.copy()
@@ -174,7 +177,7 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
     missing = [u.id for u in users if u.gold is None]
     if missing:
         raise ValueError(f"client {state.folder}: users {missing[:3]} have no gold answer to evaluate against")
-    for module in hydra.MODULES:  # reranker first: the adapter's labels use the fitted reranker's top-k
+    for module in p.MODULES:  # reranker first: the adapter's labels use the fitted reranker's top-k
         model = getattr(models, module)
         examples = module_examples(state, module, "test", llm, cfg, models, say)
         if examples:  # a user too small to fit keeps the default head
@@ -183,11 +186,11 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
     state.save_models(models)
     state.save_config(replace(cfg, adapter_margin="off" if margin is None else repr(margin)))  # the service uses it
     pipe = HydraPipeline(state.task, llm, Retriever(state.task), models.reranker, models.adapter, cfg, margin)
-    predictions = [pipe.answer(u, "full").text for u in users]
+    predictions = [a.text for a in pipe.answer_many(users, p.FULL)]
     stats = metric_stats(state.task, predictions, [u.gold for u in users])
     if say:
         say(f"answered {len(users)} unseen users")
-    return {**{f"stat:{k}": v for k, v in stats.items()}, "users": len(users), **_usage(llm, before, t0)}
+    return stats, {p.USERS: len(users), **_usage(llm, before, t0)}
 
 
 def set_threads(threads: int) -> None:

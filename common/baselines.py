@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from . import fit
 from .llm.base import LLM
+from .llm.pool import fan_out
 from .pipeline import Answer, messages_for
 from .records import User
 from .retrieval import Retriever
@@ -45,7 +46,14 @@ class Baseline:
         return []
 
     def answer(self, task: Task, llm: LLM, retriever: Retriever, user: User, seed: int = 0) -> Answer:
-        items = self.items(task, retriever, user, seed)
-        messages = messages_for(task, llm, user.input, items, self.style, seed)
-        text = llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, llm), seed=seed)[0]
-        return Answer(text=text.strip(), items=items, candidates=[text])
+        return self.answer_many(task, llm, retriever, [user], seed)[0]
+
+    def answer_many(self, task: Task, llm: LLM, retriever: Retriever, users: list[User], seed: int = 0) -> list[Answer]:
+        """Each user's answer, in order: retrieval here, the LLM's requests together through its request pool."""
+        items = [self.items(task, retriever, u, seed) for u in users]
+
+        def ask(j: int) -> Answer:
+            messages = messages_for(task, llm, users[j].input, items[j], self.style, seed)
+            text = llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, llm), seed=seed)[0]
+            return Answer(text=text.strip(), items=items[j], candidates=[text])
+        return fan_out(llm, ask, range(len(users)))

@@ -27,6 +27,7 @@ object (`fit_stats`), so results can say, per method, how many prompts were cut 
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -107,7 +108,8 @@ class FitStats:
     cuts: list = field(default_factory=list)
 
     def copy(self) -> "FitStats":
-        return FitStats(self.prompts, list(self.cuts))
+        with _LOCK:
+            return FitStats(self.prompts, list(self.cuts))
 
     def minus(self, before: "FitStats") -> "FitStats":
         """What was built since `before` (a copy taken earlier)."""
@@ -124,12 +126,16 @@ _STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _PLAIN_STATS: dict[int, FitStats] = {}  # LLM objects that cannot be weakly referenced, by id
 
 
+_LOCK = threading.Lock()  # prompts are built in the request pool's threads (llm/pool.py)
+
+
 def fit_stats(llm) -> FitStats:
     """The running FitStats of prompts built for `llm` (the object passed around, e.g. the CachedLLM)."""
-    try:
-        return _STATS.setdefault(llm, FitStats())
-    except TypeError:
-        return _PLAIN_STATS.setdefault(id(llm), FitStats())
+    with _LOCK:
+        try:
+            return _STATS.setdefault(llm, FitStats())
+        except TypeError:
+            return _PLAIN_STATS.setdefault(id(llm), FitStats())
 
 
 def answer_tokens(task: Task, llm=None) -> int:
@@ -173,7 +179,8 @@ def fit_messages(llm, build: Callable[[list[str]], list[dict]], texts: list[str]
     messages = build(list(texts))
     counter = counter_for(llm)
     stats = fit_stats(llm)
-    stats.prompts += 1
+    with _LOCK:
+        stats.prompts += 1
     if counter is None:
         return messages
     budget = counter.context_window - max_tokens
@@ -191,7 +198,8 @@ def fit_messages(llm, build: Callable[[list[str]], list[dict]], texts: list[str]
         messages = build([counter.cut(t, k) for t, k in zip(texts, kept)])
         after = counter.prompt_tokens(messages)
         if after <= budget:
-            stats.cuts.append((before, after))
+            with _LOCK:
+                stats.cuts.append((before, after))
             return messages
         available -= after - budget + 2  # tokens merge or split at the cuts: try again with the excess off
     raise LLMError(f"{what}: could not cut {before} tokens to the {budget} that fit (context window "

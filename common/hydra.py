@@ -21,12 +21,14 @@ import torch
 from . import labels, selection, training
 from .config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
 from .llm.base import LLM
+from .protocol import ADAPTER, BASE_PART, HEAD_PART, MODULES, RERANKER, array_key, split_array_key
+from .llm.pool import fan_out
+from .llm.progress import LLMProgress
 from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
 from .tasks import Task
 
-MODULES = ("reranker", "adapter")
 Say = Callable[[str], None]
 
 
@@ -71,28 +73,51 @@ def optim_args(cfg: HydraConfig, stage: str = "train") -> dict:
 
 def make_labels(task: Task, llm: LLM, retriever: Retriever, users: list[User], cfg: HydraConfig,
                 reranker: HydraScorer | None, which: str, real_queries: bool, say: Say | None = None) -> list:
-    """Reranker (`which="reranker"`) or adapter examples for `users`, made from their history."""
+    """Reranker (`which=RERANKER`) or adapter examples for `users`, made from their history, in user order.
+
+    The LLM's requests of all users go through its request pool together (llm/pool.py); retrieval and the
+    reranker run here, user after user, so the examples are the same whatever the pool's size."""
+    pqs = _through_pool(llm, lambda u: labels.pseudo_queries(task, llm, u, cfg, real_query=real_queries), users,
+                        f"{which} pseudo-queries", "user", say)
     out = []
-    for i, user in enumerate(users, 1):
-        pqs = labels.pseudo_queries(task, llm, user, cfg, real_query=real_queries)
-        if which == "reranker":
-            out += labels.reranker_examples(task, llm, retriever, user, pqs, cfg)
-        else:
-            out += labels.adapter_examples(task, llm, retriever, user, pqs, cfg, reranker)
-        if say:
-            say(f"{which} labels: user {i}/{len(users)} done ({llm.stats.calls} LLM calls so far)")
+    if which == RERANKER:
+        pairs = [labels.reranker_pairs(retriever, u, p, cfg) for u, p in zip(users, pqs)]
+        answers = _through_pool(llm, lambda pair: labels.one_shot_answer(task, llm, pair[0], pair[1], cfg),
+                                [pair for ps in pairs for pair in ps], "reranker labels", "prompt", say)
+        for u, ps in zip(users, pairs):
+            out += labels.reranker_labels(task, u, ps, answers[:len(ps)])
+            answers = answers[len(ps):]
+    else:
+        prepared = [labels.adapter_prompts(task, retriever, u, p, cfg, reranker) for u, p in zip(users, pqs)]
+        candidates = _through_pool(llm, lambda p: labels.adapter_candidates(task, llm, p, cfg),
+                                   [p for ps in prepared for p in ps], "adapter labels", "prompt", say)
+        for u, ps in zip(users, prepared):
+            out += labels.adapter_labels(task, u, ps, candidates[:len(ps)], cfg)
+            out += labels.label_set_examples(task, retriever, u, cfg)
+            candidates = candidates[len(ps):]
     return labels.trainable(out)
+
+
+def _through_pool(llm: LLM, fn: Callable, items: list, what: str, unit: str, say: Say | None) -> list:
+    """fan_out with the stage's progress (done, the LLM's requests per second, time left)."""
+    with LLMProgress(llm.stats, len(items), what, unit, say) as progress:
+        def step(item):
+            result = fn(item)
+            progress.step()
+            return result
+        return fan_out(llm, step, items)
 
 
 def train(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: HydraModels,
           say: Say | None = None) -> dict:
     """The train stage on `users` (then the margin, when it is calibrated); returns per-module training metrics."""
     retriever, report = Retriever(task), {}
-    for which, model in (("reranker", models.reranker), ("adapter", models.adapter)):
+    for which in MODULES:
+        model = getattr(models, which)
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which,
                                cfg.include_train_queries, say)
         report[which] = training.train_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg))
-        if which == "adapter" and cfg.margin == MARGIN_AUTO:
+        if which == ADAPTER and cfg.margin == MARGIN_AUTO:
             report["calibration"] = selection.pick_margin(calibration_sums(task, models.adapter, examples))
         model.clear_cache()  # the frozen-feature cache pays off across epochs only; free it for what follows
         release_memory()
@@ -121,7 +146,8 @@ def fit(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hydra
         say: Say | None = None) -> dict:
     """The fit stage: each user's heads start from the default head and fit on their history; the bases stay frozen."""
     retriever, report = Retriever(task), {}
-    for which, model in (("reranker", models.reranker), ("adapter", models.adapter)):
+    for which in MODULES:
+        model = getattr(models, which)
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which, False, say)
         if examples:
             report[which] = training.fit_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg, "fit"))
@@ -138,8 +164,8 @@ def shared_arrays(models: HydraModels, modules: tuple[str, ...] = MODULES) -> di
     out = {}
     for name in modules:
         model = getattr(models, name)
-        out |= {f"{name}/base/{k}": v for k, v in model.shared_state().items()}
-        out |= {f"{name}/default-head/{k}": v for k, v in model.default_head_state().items()}
+        out |= {array_key(name, BASE_PART, k): v for k, v in model.shared_state().items()}
+        out |= {array_key(name, HEAD_PART, k): v for k, v in model.default_head_state().items()}
     return out
 
 
@@ -148,15 +174,12 @@ def load_shared_arrays(models: HydraModels, arrays: dict) -> tuple[str, ...]:
     it held. Any other key is an error: a payload must carry exactly these parameters."""
     by_module: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key, value in arrays.items():
-        parts = key.split("/", 2)
-        if len(parts) != 3 or parts[0] not in MODULES or parts[1] not in ("base", "default-head"):
-            raise ValueError(f"unexpected array {key!r} in a shared payload")
-        module, part, param = parts
+        module, part, param = split_array_key(key)
         by_module.setdefault(module, {}).setdefault(part, {})[param] = torch.as_tensor(value)
     for module, parts in by_module.items():
         model = getattr(models, module)
-        model.load_shared_state(parts.get("base", {}))
-        model.load_default_head_state(parts.get("default-head", {}))
+        model.load_shared_state(parts.get(BASE_PART, {}))
+        model.load_default_head_state(parts.get(HEAD_PART, {}))
     return tuple(m for m in MODULES if m in by_module)
 
 

@@ -38,6 +38,7 @@ from statistics import fmean
 from . import fit, selection
 from .config import MARGIN_AUTO, HydraConfig
 from .llm.base import LLM
+from .llm.pool import fan_out
 from .metrics import is_correct, rouge_pair
 from .pipeline import messages_for, neutral_input, rerank, sample_candidates
 from .records import User
@@ -58,16 +59,16 @@ class PseudoQuery:
 
 def pseudo_queries(task: Task, llm: LLM, user: User, cfg: HydraConfig, real_query: bool = False) -> list[PseudoQuery]:
     """`cfg.pseudo_queries` profile items drawn per user (seeded), plus the real query when `real_query`
-    (training users only: their gold is training data, never a test user's)."""
+    (training users only: their gold is training data, never a test user's). LaMP-7's neutral inputs are
+    asked together through the LLM's request pool."""
     rng = random.Random(f"{cfg.seed}:{user.id}")
     items = rng.sample(user.profile, min(cfg.pseudo_queries, len(user.profile)))
-    out = []
-    for item in items:
-        if task.label_field is None:
-            content = neutral_input(llm, task.item_text(item), cfg.seed)
-        else:
-            content = task.item_text(item)
-        out.append(PseudoQuery(user.id, str(item["id"]), content, task.instruction(content), task.item_answer(item)))
+    if task.label_field is None:
+        contents = fan_out(llm, lambda item: neutral_input(llm, task.item_text(item), cfg.seed), items)
+    else:
+        contents = [task.item_text(item) for item in items]
+    out = [PseudoQuery(user.id, str(item["id"]), content, task.instruction(content), task.item_answer(item))
+           for item, content in zip(items, contents)]
     if real_query:
         if user.gold is None:
             raise ValueError(f"user {user.id}: real_query needs a gold answer")
@@ -86,19 +87,33 @@ def _sources(pq: PseudoQuery, items: list[dict]) -> list[str]:
     return list(dict.fromkeys(own + [str(i["id"]) for i in items]))
 
 
-def reranker_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs: list[PseudoQuery],
-                      cfg: HydraConfig) -> list[ScoredExample]:
-    """One example per (pseudo-query, retrieved item), labelled by the 1-shot answer it leads to."""
+# Each stage is split where the LLM is called: retrieval and the scorers run in the calling thread, in order
+# (the scorers' frozen-feature cache and the BM25 indexes are not shared between threads, and the scorers see
+# their inputs in the same order whatever the concurrency); the LLM's requests, independent of each other,
+# go through the request pool (llm/pool.py), and their answers come back in input order.
+
+def reranker_pairs(retriever: Retriever, user: User, pqs: list[PseudoQuery], cfg: HydraConfig
+                   ) -> list[tuple[PseudoQuery, dict]]:
+    """(pseudo-query, retrieved item) for each pseudo-query's top-M items: the reranker's rows, in order."""
+    return [(pq, item) for pq in pqs for item in _retrieved(retriever, user, pq, cfg.retrieve)]
+
+
+def one_shot_answer(task: Task, llm: LLM, pq: PseudoQuery, item: dict, cfg: HydraConfig) -> str:
+    """The LLM's greedy answer to `pq` with `item` as its only demonstration."""
+    messages = messages_for(task, llm, pq.input, [item], cfg.style_or_none, cfg.seed)
+    return llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, llm),
+                        seed=cfg.seed)[0].strip()
+
+
+def reranker_labels(task: Task, user: User, pairs: list[tuple[PseudoQuery, dict]], answers: list[str]
+                    ) -> list[ScoredExample]:
+    """One example per (pseudo-query, retrieved item), labelled by the 1-shot answer it led to."""
     rows: list[tuple[PseudoQuery, dict, float | bool]] = []
-    for pq in pqs:
-        for item in _retrieved(retriever, user, pq, cfg.retrieve):
-            messages = messages_for(task, llm, pq.input, [item], cfg.style_or_none, cfg.seed)
-            answer = llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, llm),
-                                  seed=cfg.seed)[0].strip()
-            if task.kind == "generation":
-                rows.append((pq, item, fmean(rouge_pair(answer, pq.target))))
-            else:
-                rows.append((pq, item, is_correct(task, answer, pq.target)))
+    for (pq, item), answer in zip(pairs, answers, strict=True):
+        if task.kind == "generation":
+            rows.append((pq, item, fmean(rouge_pair(answer, pq.target))))
+        else:
+            rows.append((pq, item, is_correct(task, answer, pq.target)))
     if task.kind == "generation" and rows:
         mean = fmean(float(r[2]) for r in rows)  # the user's mean over all their rows (HYDRA.md §1.3)
         rows = [(pq, item, float(s) > mean) for pq, item, s in rows]
@@ -106,15 +121,45 @@ def reranker_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pq
             for pq, item, good in rows]
 
 
-def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs: list[PseudoQuery],
-                     cfg: HydraConfig, reranker: HydraScorer | None) -> list[ScoredExample] | list[CandidateGroup]:
-    """Candidates for each pseudo-query from the prompt with the reranker's top-k items, labelled per `adapter-labels`."""
-    out: list = []
+def reranker_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs: list[PseudoQuery],
+                      cfg: HydraConfig) -> list[ScoredExample]:
+    """One example per (pseudo-query, retrieved item), labelled by the 1-shot answer it leads to."""
+    pairs = reranker_pairs(retriever, user, pqs, cfg)
+    answers = fan_out(llm, lambda pair: one_shot_answer(task, llm, pair[0], pair[1], cfg), pairs)
+    return reranker_labels(task, user, pairs, answers)
+
+
+@dataclass(frozen=True)
+class AdapterPrompt:
+    """What the adapter's candidates for one pseudo-query are asked with: its M retrieved items, the k in the prompt."""
+
+    pq: PseudoQuery
+    retrieved: list[dict]
+    items: list[dict]
+
+
+def adapter_prompts(task: Task, retriever: Retriever, user: User, pqs: list[PseudoQuery], cfg: HydraConfig,
+                    reranker: HydraScorer | None) -> list[AdapterPrompt]:
+    """Each pseudo-query's retrieved items and the reranker's top-k of them (no LLM call)."""
+    out = []
     for pq in pqs:
         retrieved = _retrieved(retriever, user, pq, cfg.retrieve)
-        items = rerank(reranker, user.id, task, pq.content, retrieved, cfg.k)
-        messages = messages_for(task, llm, pq.input, items, cfg.style_or_none, cfg.seed)
-        candidates = sample_candidates(task, llm, messages, cfg.candidates, cfg.seed, cfg.temperature)
+        out.append(AdapterPrompt(pq, retrieved, rerank(reranker, user.id, task, pq.content, retrieved, cfg.k)))
+    return out
+
+
+def adapter_candidates(task: Task, llm: LLM, p: AdapterPrompt, cfg: HydraConfig) -> list[str]:
+    """The greedy answer and the B samples for one adapter prompt."""
+    messages = messages_for(task, llm, p.pq.input, p.items, cfg.style_or_none, cfg.seed)
+    return sample_candidates(task, llm, messages, cfg.candidates, cfg.seed, cfg.temperature)
+
+
+def adapter_labels(task: Task, user: User, prepared: list[AdapterPrompt], candidates_of: list[list[str]],
+                   cfg: HydraConfig) -> list[ScoredExample] | list[CandidateGroup]:
+    """The adapter's examples from each prompt's candidates, labelled per `adapter-labels` (no label-set queries)."""
+    out: list = []
+    for p, candidates in zip(prepared, candidates_of, strict=True):
+        pq, retrieved = p.pq, p.retrieved
         src = _sources(pq, retrieved)  # all M: the reranker chose the prompt's k among them
         if cfg.adapter_labels == "graded":  # the candidates the pipeline scores: the LLM's, then the unnamed labels
             texts = selection.with_labels(task, candidates)
@@ -134,7 +179,15 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
             graded = selection.grades(task, candidates, pq.target)
             mean = fmean(graded)
             out += [ScoredExample(user.id, pq.content, c, int(g > mean), src) for c, g in zip(candidates, graded)]
-    return out + label_set_examples(task, retriever, user, cfg)
+    return out
+
+
+def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs: list[PseudoQuery],
+                     cfg: HydraConfig, reranker: HydraScorer | None) -> list[ScoredExample] | list[CandidateGroup]:
+    """Candidates for each pseudo-query from the prompt with the reranker's top-k items, labelled per `adapter-labels`."""
+    prepared = adapter_prompts(task, retriever, user, pqs, cfg, reranker)
+    candidates = fan_out(llm, lambda p: adapter_candidates(task, llm, p, cfg), prepared)
+    return adapter_labels(task, user, prepared, candidates, cfg) + label_set_examples(task, retriever, user, cfg)
 
 
 def label_set_examples(task: Task, retriever: Retriever, user: User, cfg: HydraConfig) -> list:

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from . import fit, prompts, selection
 from .config import HydraConfig
 from .llm.base import LLM
+from .protocol import ADAPTER, ANSWER_MODES, FULL, RERANKER
+from .llm.pool import fan_out
 from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
 from .tasks import Task
 
-MODES = {"hydra": "full", "hydra-reranker": "reranker", "hydra-adapter": "adapter"}
+MODES = {"hydra": FULL, "hydra-reranker": RERANKER, "hydra-adapter": ADAPTER}  # method name -> answer mode
 NEUTRAL_PROMPT = (
     "Rewrite the following tweet as plain, neutral standard English, without slang, hashtags, mentions or "
     "emoticons. Answer with the rewritten sentence only.\nTweet: {text}"
@@ -59,7 +61,8 @@ def messages_for(task: Task, llm: LLM, task_input: str, items: list[dict], style
     cached LLM call per item)."""
     style = style or prompts.default_style(task)
     if style == "chat" and task.label_field is None:
-        items = [{**i, prompts.PSEUDO_INPUT: neutral_input(llm, task.item_text(i), seed)} for i in items]
+        pseudo = fan_out(llm, lambda i: neutral_input(llm, task.item_text(i), seed), items)
+        items = [{**i, prompts.PSEUDO_INPUT: p} for i, p in zip(items, pseudo)]
     head, body = fit.split_input(task, task_input)
     fields = [_longest_field(task, i) for i in items]
 
@@ -81,10 +84,11 @@ def rerank(reranker: HydraScorer | None, user_id: str, task: Task, query: str, i
 
 
 def sample_candidates(task: Task, llm: LLM, messages: list[dict], n: int, seed: int, temperature: float) -> list[str]:
-    """The greedy answer first, then `n` samples at `temperature` (seeded, so reruns hit the cache)."""
+    """The greedy answer first, then `n` samples at `temperature` (seeded, so reruns hit the cache); the two
+    requests go through the request pool together."""
     max_tokens = fit.answer_tokens(task, llm)
-    greedy = llm.complete(messages, n=1, temperature=0.0, max_tokens=max_tokens, seed=seed)
-    samples = llm.complete(messages, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
+    greedy, samples = fan_out(llm, lambda r: llm.complete(messages, n=r[0], temperature=r[1], max_tokens=max_tokens,
+                                                          seed=seed), [(1, 0.0), (n, temperature)])
     return [c.strip() for c in greedy + samples]
 
 
@@ -114,24 +118,31 @@ class HydraPipeline:
     config: HydraConfig
     margin: float | None = 0.0  # adapter margin (None: always the greedy answer)
 
-    def candidates(self, user: User, mode: str = "full") -> tuple[list[dict], list[str]]:
-        """(items in the prompt, greedy answer + B samples) for the user's query."""
+    def prompt_items(self, user: User, mode: str = FULL) -> list[dict]:
+        """The profile items the prompt for the user's query holds: BM25 top-M, then the reranker's top-k."""
         cfg, task = self.config, self.task
-        items: list[dict] = []
-        if mode != "adapter":
-            retrieved = self.retriever.top(user, task.content(user.input), cfg.retrieve)
-            items = rerank(self.reranker, user.id, task, task.content(user.input), retrieved, cfg.k)
+        if mode == ADAPTER:
+            return []
+        retrieved = self.retriever.top(user, task.content(user.input), cfg.retrieve)
+        return rerank(self.reranker, user.id, task, task.content(user.input), retrieved, cfg.k)
+
+    def sample(self, user: User, items: list[dict], mode: str = FULL) -> list[str]:
+        """The LLM's greedy answer (and B samples when the adapter will choose) for the query with `items`."""
+        cfg, task = self.config, self.task
         messages = messages_for(task, self.llm, user.input, items, cfg.style_or_none, cfg.seed)
-        if mode == "reranker" or self.adapter is None:
+        if mode == RERANKER or self.adapter is None:
             text = self.llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, self.llm),
                                      seed=cfg.seed)[0].strip()
-            return items, [text]
-        return items, sample_candidates(task, self.llm, messages, cfg.candidates, cfg.seed, cfg.temperature)
+            return [text]
+        return sample_candidates(task, self.llm, messages, cfg.candidates, cfg.seed, cfg.temperature)
 
-    def answer(self, user: User, mode: str = "full") -> Answer:
-        if mode not in ("full", "reranker", "adapter"):
-            raise ValueError(f"unknown pipeline mode {mode!r}")
-        items, sampled = self.candidates(user, mode)
+    def candidates(self, user: User, mode: str = FULL) -> tuple[list[dict], list[str]]:
+        """(items in the prompt, greedy answer + B samples) for the user's query."""
+        items = self.prompt_items(user, mode)
+        return items, self.sample(user, items, mode)
+
+    def choose(self, user: User, items: list[dict], sampled: list[str]) -> Answer:
+        """The adapter's pick among the LLM's candidates (and the labels it did not name)."""
         if len(sampled) == 1:
             return Answer(text=sampled[0], items=items, candidates=sampled)
         # the graded adapter also weighs the labels the LLM did not name (selection.with_labels)
@@ -142,3 +153,15 @@ class HydraPipeline:
         best = selection.pick(scores, self.margin)
         return Answer(text=candidates[best], items=items, candidates=candidates, scores=[float(s) for s in scores],
                       sampled=len(sampled))
+
+    def answer(self, user: User, mode: str = FULL) -> Answer:
+        return self.answer_many([user], mode)[0]
+
+    def answer_many(self, users: list[User], mode: str = FULL) -> list[Answer]:
+        """Each user's answer, in order. The reranker, then the LLM's requests of all users together (the request
+        pool), then the adapter: each scorer sees the users in the same order whatever the pool's size."""
+        if mode not in ANSWER_MODES:
+            raise ValueError(f"unknown answer mode {mode!r}; modes: {', '.join(ANSWER_MODES)}")
+        items = [self.prompt_items(u, mode) for u in users]
+        sampled = fan_out(self.llm, lambda j: self.sample(users[j], items[j], mode), range(len(users)))
+        return [self.choose(u, i, s) for u, i, s in zip(users, items, sampled)]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .files import atomic_path
 from .scorer import DEFAULT_HEAD, FEATURE_CACHE_MB, HydraScorer
 
 FORMAT = "fedhydra-scorer/1"
@@ -37,15 +37,8 @@ def save(model: HydraScorer, path: str | os.PathLike) -> None:
             tensors[f"head/{key}/{n}"] = t.detach().cpu().contiguous().clone()
     meta = {"format": FORMAT, "config": json.dumps(model.config()),
             "users": json.dumps(model._user_of_key), "frozen_fingerprint": frozen_fingerprint(model)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, encoder: str | None = None,

@@ -99,6 +99,13 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
        tags=RUN_FREE),
     _S("llm-threads", 1, "CPU threads of the embedded LLM (1: llama.cpp's 2-thread pool stalls on shared cores)",
        "llm", tags=RUN_FREE),
+    _S("llm-concurrency", 0, "LLM requests in flight together per process (0 = the backend's default: openai 16, "
+       "embedded 1); in a simulation each running client has its own, so size it as the endpoint's limit over "
+       "the clients that run at once (README)", "llm", tags=RUN_FREE),
+    _S("llm-rpm", 0.0, "openai: cap on requests per minute of this process (0 = none; 429s are obeyed anyway)",
+       "llm", tags=RUN_FREE),
+    _S("llm-tpm", 0.0, "openai: cap on tokens per minute of this process, prompt + completion (0 = none)", "llm",
+       tags=RUN_FREE),
     _S("llm-context-window", 2048, "tokens (prompt + answer) the --llm openai model takes; prompts are cut to fit "
        "(common/fit.py; the embedded LLM uses its own n_ctx)", "llm"),
     _S("cache-dir", "", "LLM response cache folder ('' = $FEDHYDRA_CACHE_DIR or ~/.cache/fedhydra); in simulations "

@@ -19,6 +19,11 @@ Two kinds of training data:
 Optimisation is HYDRA's (the HF Trainer defaults it ran with): AdamW (betas 0.9/0.999, eps 1e-8),
 linear decay to 0 without warmup, weight decay on all but biases and LayerNorm weights,
 gradient-norm clipping at 1.0. `proximal_mu` adds FedProx's proximal term on the shared layers.
+
+One loop (`_optimise`) runs every stage: seeding, heads, parameter groups, AdamW and its schedule, the
+epochs and the report are written once. A stage differs only in its step (`_train_step`, `_fit_step`) and,
+for record-level DP, in its batches and step, which client/privacy.py's RecordDPSGD supplies as
+train_stage's `private` option (PrivateSteps).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -180,66 +187,171 @@ def batch_loss(batch: list[Example], logits: torch.Tensor) -> tuple[torch.Tensor
     return torch.stack(losses).mean(), correct
 
 
+class PrivateSteps(Protocol):
+    """Differentially private SGD as an option of train_stage (client/privacy.py's RecordDPSGD: DP-SGD over
+    privacy units with Opacus). It decides what a batch is and how one optimiser step is taken; everything
+    else (seeding, heads, parameter groups, optimiser, schedule, the loop and its report) is train_stage's."""
+
+    def plan(self, examples: list[Example], epochs: int) -> list[list]:
+        """Every step's batch, per epoch."""
+
+    def steps(self, model: HydraScorer, params: list[nn.Parameter], opt: torch.optim.Optimizer, sched,
+              anchor: list[torch.Tensor], proximal_mu: float) -> AbstractContextManager[Callable[[list], Step]]:
+        """A context in which the returned function takes one private step on a batch."""
+
+
+@dataclass
+class Step:
+    """What one optimiser step reports: its loss terms ("loss" is the one optimised), the items (examples or
+    privacy units) it saw and got right, and `weight`: what the report averages "loss" over (1 per step for a
+    batch mean; the units of a batch for DP's sum over units)."""
+
+    losses: dict[str, float]
+    correct: int
+    items: int
+    weight: float = 1.0
+
+
 def train_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: float = 2e-5,
                 head_lr: float | None = None, batch_size: int = 64, weight_decay: float = 0.01, seed: int = 0,
                 progress: bool = True, max_grad_norm: float = 1.0, proximal_mu: float = 0.0,
-                say: Say | None = None) -> dict:
+                say: Say | None = None, private: PrivateSteps | None = None) -> dict:
     """Train the trainable base layers + the examples' users' heads + the default head together.
 
     Users without a head get a copy of the default head. `head_lr` (default: `lr`, as HYDRA) is the
     heads' learning rate; `proximal_mu` > 0 adds FedProx's mu/2 ||w - w_start||^2 on the base layers.
+    `private`: DP-SGD instead of plain steps (its batches and steps; see PrivateSteps).
     `say` gets a line per epoch. Returns {loss, user_loss, default_loss, accuracy, examples, users,
-    steps, epochs, seconds}; losses are means over all steps, accuracy is the user heads' on the last epoch.
+    steps, epochs, items, seconds}; losses are means over all steps (DP: over the sampled units), accuracy is
+    the user heads' on the last epoch; items counts what the steps saw (DP: the sampled units).
     """
+    return _optimise(model, examples, base=True, init="new", epochs=epochs, lr=lr, head_lr=head_lr,
+                     batch_size=batch_size, weight_decay=weight_decay, seed=seed, max_grad_norm=max_grad_norm,
+                     proximal_mu=proximal_mu, say=say, progress=progress, private=private)
+
+
+def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: float = 2e-5,
+              head_lr: float | None = None, batch_size: int = 64, weight_decay: float = 0.01, seed: int = 0,
+              progress: bool = True, init: str = "default", max_grad_norm: float = 1.0,
+              say: Say | None = None) -> dict:
+    """Fit the examples' users' heads on a frozen base (HYDRA's fit stage for unseen users).
+
+    Only heads train, at `head_lr` (default: `lr`, as HYDRA). `init`: "default" starts every user's head
+    as a copy of the trained default head (FedHydra: a user with little history stays near it), "random"
+    re-initialises it (HYDRA), "keep" continues from the head it has. The base is checked bit-identical
+    afterwards (RuntimeError otherwise) and the default head is not trained. Returns {loss, accuracy,
+    examples, users, steps, epochs, items, seconds}.
+    """
+    if init not in ("default", "random", "keep"):
+        raise ValueError(f"init must be default, random or keep, got {init!r}")
+    before = {n: p.detach().clone() for n, p in base_parameters(model).items()}
+    report = _optimise(model, examples, base=False, init=init, epochs=epochs, lr=lr, head_lr=head_lr,
+                       batch_size=batch_size, weight_decay=weight_decay, seed=seed, max_grad_norm=max_grad_norm,
+                       say=say, progress=False)
+    changed = [n for n, p in base_parameters(model).items() if not torch.equal(p, before[n])]
+    if changed:
+        raise RuntimeError(f"fit stage changed base parameters {changed[:3]}; the base must stay frozen")
+    return report
+
+
+def _optimise(model: HydraScorer, examples: list[Example], *, base: bool, init: str, epochs: int, lr: float,
+              head_lr: float | None, batch_size: int, weight_decay: float, seed: int, max_grad_norm: float,
+              say: Say | None, progress: bool, proximal_mu: float = 0.0,
+              private: PrivateSteps | None = None) -> dict:
+    """The one training loop of every stage. `base`: the train stage (trainable base layers, user heads and
+    the default head, loss of both heads); else the fit stage (user heads only, on features computed once).
+    `init`: how a user's head starts: "new" (the train stage) and "keep" leave an existing head as it is and
+    start a missing one from the default head; "default" and "random" (re)start every head (see fit_stage)."""
     examples = [e for e in examples if not getattr(e, "held_out", False)]
     check_args(examples, epochs, batch_size, [lr, head_lr])
+    if private is not None and not base:
+        raise ValueError("DP-SGD trains the train stage only")
     start = time.perf_counter()
     users = _users_in_order(examples)
     was_training = model.training
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)  # dropout and order are reproducible; the caller's RNG is untouched
         for uid in users:
-            if not model.has_user(uid):
-                model.add_user(uid, from_default=True)
-        heads = [model.head(uid) for uid in users] + [model.heads[DEFAULT_HEAD]]
-        groups = (param_groups(model.shared_modules(), lr, weight_decay)
+            if init in ("new", "keep") and model.has_user(uid):
+                continue  # the head trains on from where it is
+            model.add_user(uid, replace=init != "new", from_default=init != "random")
+        heads = [model.head(uid) for uid in users] + ([model.heads[DEFAULT_HEAD]] if base else [])
+        groups = ((param_groups(model.shared_modules(), lr, weight_decay) if base else [])
                   + param_groups(heads, head_lr or lr, weight_decay))
         params = [p for g in groups for p in g["params"]]
-        anchor = [p.detach().clone() for p in model.trainable_base_parameters()] if proximal_mu else []
-        order_rng = torch.Generator().manual_seed(seed)
-        plan = [batches(examples, torch.randperm(len(examples), generator=order_rng).tolist(), batch_size)
-                for _ in range(epochs)]
+        anchor = [p.detach().clone() for p in model.trainable_base_parameters()] if base and proximal_mu else []
+        if private is not None:
+            plan = private.plan(examples, epochs)
+        else:
+            order_rng = torch.Generator().manual_seed(seed)
+            plan = [batches(examples, torch.randperm(len(examples), generator=order_rng).tolist(), batch_size)
+                    for _ in range(epochs)]
         opt, sched = adamw_linear_decay(groups, sum(len(p) for p in plan))
-        sums = {"loss": 0.0, "user_loss": 0.0, "default_loss": 0.0}
-        steps = correct = 0
-        model.train()
+        if private is not None:
+            stepping = private.steps(model, params, opt, sched, anchor, proximal_mu)
+        elif base:
+            stepping = nullcontext(lambda batch: _train_step(model, batch, params, opt, sched, max_grad_norm,
+                                                             anchor, proximal_mu))
+        else:
+            feats, index = _features(model, examples, batch_size), {id(e): i for i, e in enumerate(examples)}
+            stepping = nullcontext(lambda batch: _fit_step(model, batch, [feats[index[id(e)]] for e in batch],
+                                                           params, opt, sched, max_grad_norm))
+        modes = [h.training for h in heads]
+        for module in [model] if base else heads:
+            module.train()  # the fit stage's base keeps its mode (its features are already computed)
+        sums, weight, steps, correct, seen, items = {}, 0.0, 0, 0, 0, 0
         try:
-            for epoch, epoch_batches in enumerate(plan):
-                for batch in epoch_batches:
-                    uids, queries, texts, extra = rows_of(batch)
-                    feats = model.encode(queries, texts)
-                    term = model.feature_logits(model.extra_tensor(extra), len(texts))
-                    user_loss, right = batch_loss(batch, model.head_logits(feats, uids) + term)
-                    default_loss, _ = batch_loss(batch, model.heads[DEFAULT_HEAD](feats) + term)
-                    loss = user_loss + default_loss
-                    if proximal_mu:
-                        loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in
-                                                             zip(model.trainable_base_parameters(), anchor))
-                    _step(loss, params, opt, sched, max_grad_norm)
-                    steps += 1
-                    for k, v in (("loss", loss), ("user_loss", user_loss), ("default_loss", default_loss)):
-                        sums[k] += v.detach().item()
-                    if epoch == epochs - 1:
-                        correct += right
-                if say:
-                    say(f"epoch {epoch + 1}/{epochs}: mean loss {sums['loss'] / steps:.4f}")
-                elif progress:
-                    print(f"train stage: epoch {epoch + 1}/{epochs}, mean loss {sums['loss'] / steps:.4f}", flush=True)
+            with stepping as step:
+                for epoch, epoch_batches in enumerate(plan):
+                    for batch in epoch_batches:
+                        done = step(batch)
+                        steps, weight, items = steps + 1, weight + done.weight, items + done.items
+                        for k, v in done.losses.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        if epoch == epochs - 1:
+                            correct, seen = correct + done.correct, seen + done.items
+                    mean = sums.get("loss", 0.0) / max(weight, 1)
+                    if say:
+                        say(f"{'' if base else 'fit '}epoch {epoch + 1}/{epochs}: mean loss {mean:.4f}")
+                    elif progress:
+                        print(f"train stage: epoch {epoch + 1}/{epochs}, mean loss {mean:.4f}", flush=True)
         finally:
-            model.train(was_training)
-    return {**{k: v / steps for k, v in sums.items()}, "accuracy": correct / len(examples),
-            "examples": len(examples), "users": len(users), "steps": steps, "epochs": epochs,
+            if base:
+                model.train(was_training)
+            else:
+                for h, m in zip(heads, modes):
+                    h.train(m)
+    return {**{k: v / max(weight, 1) for k, v in sums.items()}, "accuracy": correct / max(seen, 1),
+            "examples": len(examples), "users": len(users), "steps": steps, "epochs": epochs, "items": items,
             "seconds": time.perf_counter() - start}
+
+
+def _train_step(model: HydraScorer, batch: list[Example], params: list, opt, sched, max_grad_norm: float,
+                anchor: list[torch.Tensor], proximal_mu: float) -> Step:
+    """The train stage's step: the user heads' loss plus the default head's (+ FedProx's proximal term)."""
+    uids, queries, texts, extra = rows_of(batch)
+    feats = model.encode(queries, texts)
+    term = model.feature_logits(model.extra_tensor(extra), len(texts))
+    user_loss, right = batch_loss(batch, model.head_logits(feats, uids) + term)
+    default_loss, _ = batch_loss(batch, model.heads[DEFAULT_HEAD](feats) + term)
+    loss = user_loss + default_loss
+    if proximal_mu:
+        loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in
+                                             zip(model.trainable_base_parameters(), anchor))
+    _step(loss, params, opt, sched, max_grad_norm)
+    return Step({"loss": loss.detach().item(), "user_loss": user_loss.detach().item(),
+                 "default_loss": default_loss.detach().item()}, right, len(batch))
+
+
+def _fit_step(model: HydraScorer, batch: list[Example], feats: list[torch.Tensor], params: list, opt, sched,
+              max_grad_norm: float) -> Step:
+    """The fit stage's step: the user heads' loss on the batch's precomputed features."""
+    uids, _, texts, extra = rows_of(batch)
+    with torch.no_grad():  # the shared feature weights are part of the frozen base here
+        term = model.feature_logits(model.extra_tensor(extra), len(texts))
+    loss, right = batch_loss(batch, model.head_logits(torch.cat(feats), uids) + term)
+    _step(loss, params, opt, sched, max_grad_norm)
+    return Step({"loss": loss.detach().item()}, right, len(batch))
 
 
 @torch.no_grad()
@@ -264,68 +376,6 @@ def _features(model: HydraScorer, examples: list[Example], batch_size: int) -> l
         texts = [e.text] if isinstance(e, ScoredExample) else e.texts
         out.append(feats[torch.tensor([pairs[(e.query, t)] for t in texts], device=feats.device)])
     return out
-
-
-def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: float = 2e-5,
-              head_lr: float | None = None, batch_size: int = 64, weight_decay: float = 0.01, seed: int = 0,
-              progress: bool = True, init: str = "default", max_grad_norm: float = 1.0,
-              say: Say | None = None) -> dict:
-    """Fit the examples' users' heads on a frozen base (HYDRA's fit stage for unseen users).
-
-    Only heads train, at `head_lr` (default: `lr`, as HYDRA). `init`: "default" starts every user's head
-    as a copy of the trained default head (FedHydra: a user with little history stays near it), "random"
-    re-initialises it (HYDRA), "keep" continues from the head it has. The base is checked bit-identical
-    afterwards (RuntimeError otherwise) and the default head is not trained. Returns {loss, accuracy,
-    examples, users, steps, epochs, seconds}.
-    """
-    if init not in ("default", "random", "keep"):
-        raise ValueError(f"init must be default, random or keep, got {init!r}")
-    examples = [e for e in examples if not getattr(e, "held_out", False)]
-    check_args(examples, epochs, batch_size, [lr, head_lr])
-    start = time.perf_counter()
-    users = _users_in_order(examples)
-    before = {n: p.detach().clone() for n, p in base_parameters(model).items()}
-    with torch.random.fork_rng(devices=_rng_devices(model)):
-        torch.manual_seed(seed)
-        for uid in users:
-            if init != "keep" or not model.has_user(uid):
-                model.add_user(uid, replace=True, from_default=init != "random")
-        heads = [model.head(uid) for uid in users]
-        feats = _features(model, examples, batch_size)
-        groups = param_groups(heads, head_lr or lr, weight_decay)
-        params = [p for g in groups for p in g["params"]]
-        order_rng = torch.Generator().manual_seed(seed)
-        index = {id(e): i for i, e in enumerate(examples)}
-        plan = [batches(examples, torch.randperm(len(examples), generator=order_rng).tolist(), batch_size)
-                for _ in range(epochs)]
-        opt, sched = adamw_linear_decay(groups, sum(len(p) for p in plan))
-        total, steps, correct = 0.0, 0, 0
-        modes = [h.training for h in heads]
-        for h in heads:
-            h.train()
-        try:
-            for epoch, epoch_batches in enumerate(plan):
-                for batch in epoch_batches:
-                    uids, _, texts, extra = rows_of(batch)
-                    rows = torch.cat([feats[index[id(e)]] for e in batch])
-                    with torch.no_grad():  # the shared feature weights are part of the frozen base here
-                        term = model.feature_logits(model.extra_tensor(extra), len(texts))
-                    loss, right = batch_loss(batch, model.head_logits(rows, uids) + term)
-                    _step(loss, params, opt, sched, max_grad_norm)
-                    steps += 1
-                    total += loss.detach().item()
-                    if epoch == epochs - 1:
-                        correct += right
-                if say:
-                    say(f"fit epoch {epoch + 1}/{epochs}: mean loss {total / steps:.4f}")
-        finally:
-            for h, m in zip(heads, modes):
-                h.train(m)
-    changed = [n for n, p in base_parameters(model).items() if not torch.equal(p, before[n])]
-    if changed:
-        raise RuntimeError(f"fit stage changed base parameters {changed[:3]}; the base must stay frozen")
-    return {"loss": total / steps, "accuracy": correct / len(examples), "examples": len(examples),
-            "users": len(users), "steps": steps, "epochs": epochs, "seconds": time.perf_counter() - start}
 
 
 def base_parameters(model: HydraScorer) -> dict[str, torch.Tensor]:

@@ -34,6 +34,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
+from fedhydra.common.protocol import MODULES
+
 ACCOUNTANT = "Flower 1.41 RdpAccountant (Google dp-accounting, RDP)"
 
 
@@ -121,7 +123,7 @@ class UserLevelDP:
             raise ValueError(f"dp=user needs strategy fedavg, got {values['strategy']!r}: Flower's accounted DP "
                              "wrapper averages the clipped updates with FedAvg's uniform mean, and the noise is "
                              "sized for that mean")
-        releases = 2 * int(values["rounds"])
+        releases = len(MODULES) * int(values["rounds"])  # every module's rounds release
         target, given = float(values["dp-epsilon"]), float(values["dp-noise-multiplier"])
         if target > 0:
             z = noise_multiplier_for(target, float(values["dp-delta"]), releases)

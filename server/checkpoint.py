@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from fedhydra.common import settings
-from fedhydra.common.files import write_atomic
+from fedhydra.common.files import atomic_path, write_atomic
 
 PROGRESS = "progress.json"
 STRATEGY = "strategy/"
@@ -47,14 +46,8 @@ def save(folder: str | os.PathLike, server_round: int, arrays: dict[str, np.ndar
     name = f"round-{server_round}.safetensors"
     tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     tensors |= {STRATEGY + k: np.ascontiguousarray(v) for k, v in (strategy_state or {}).items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(folder / name) as tmp:
+        save_file(tensors, str(tmp))
     progress = {"round": server_round, "weights": name, "fingerprint": fingerprint, "history": history}
     if privacy is not None:
         progress["privacy"] = privacy

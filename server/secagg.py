@@ -36,10 +36,11 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedhydra.common.protocol import ARRAY_NAMES  # legacy Parameters carry no names: the fit config lists them
+
 from .central_dp import UserLevelDP
 from .strategy import GridView
 
-ARRAY_NAMES = "array-names"  # legacy Parameters carry no names: the fit config lists them, "\n"-joined
 # Every sampled client shares its secrets with all others (fine for tens of clients); 2/3 of the shares
 # rebuild a dropped client's mask, so a third of the clients may drop between stages.
 NUM_SHARES = 1.0

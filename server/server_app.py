@@ -1,10 +1,11 @@
 """The Flower ServerApp: Flower's strategies train the shared bases, then unseen users' clients fit and answer.
+Every message is packed and read with common/protocol.py (its kinds, keys and round numbers).
 
-1. Ask every node what it holds (query.describe): train users, unseen test users, the task.
+1. Ask every node what it holds (DESCRIBE): train users, unseen test users, the task.
 2. Train stage, one Flower strategy per module (server/strategy.py): rounds 1..R train the reranker,
    R+1..2R the adapter. A train message carries exactly the module it trains, and the reply returns
    the same arrays, so Flower's mods and DP wrappers apply. Before the adapter rounds the final
-   reranker is installed on the train clients (query.install): the adapter's labels come from prompts
+   reranker is installed on the train clients (INSTALL): the adapter's labels come from prompts
    built with it. A checkpoint (arrays + strategy state) is written after every round.
    Privacy (PRIVACY.md): dp=user wraps the FedAvg in Flower's accounted central-DP wrapper
    (server/central_dp.py) and keeps the privacy ledger in the checkpoint; a round that would pass
@@ -12,8 +13,8 @@
    through Flower's SecAgg+ workflow (server/secagg.py). Every such run states its guarantee in
    federated.json's "privacy" section (server/privacy_statement.py).
 3. Calibration (adapter-margin auto): train clients score held-out training queries with the final
-   adapter and return additive sums per margin; the server picks the margin (evaluate.calibrate).
-4. Fit-and-evaluate: the final bases go to the test clients, which fit their users' heads locally and
+   adapter and return additive sums per margin; the server picks the margin (CALIBRATE).
+4. Fit-and-evaluate (EVALUATE): the final bases go to the test clients, which fit their users' heads locally and
    return additive metric statistics; summed, they give the task's metrics over all test users.
 Everything lands in OUT/federated.json (per-round metrics, bytes per client per round).
 """
@@ -27,15 +28,16 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from fedhydra.common import protocol as p
 from fedhydra.common import settings
 from fedhydra.common.config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
 from fedhydra.common.files import write_atomic
-from fedhydra.common.hydra import MODULES, HydraModels, digest, shared_arrays
+from fedhydra.common.hydra import HydraModels, digest, shared_arrays
 from fedhydra.common.metrics import metrics_from_stats
 from fedhydra.common.selection import pick_margin
 from fedhydra.common.tasks import get_task
@@ -50,20 +52,8 @@ def _log(text: str) -> None:
     log(INFO, "[fedhydra] %s", text)  # Flower's logger: shown by the simulation and deployment runtimes alike
 
 
-def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in record.items()}
-
-
 def _nbytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
-
-
-def of_module(arrays: dict[str, np.ndarray], module: str) -> dict[str, np.ndarray]:
-    return {k: v for k, v in arrays.items() if k.startswith(module + "/")}
 
 
 def _exchange(grid: Grid, messages: list[Message], timeout: float, what: str) -> list[Message]:
@@ -77,13 +67,12 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, what: str) ->
     return [r for r in replies if not r.has_error()]
 
 
-def _send(grid: Grid, nodes: list[int], message_type: str, content: dict, values: dict, what: str) -> list[Message]:
-    msgs = [Message(RecordDict(content), dst_node_id=n, message_type=message_type) for n in nodes]
-    return _exchange(grid, msgs, float(values["round-timeout"]), what)
+def _send(grid: Grid, messages: list[Message], values: dict, what: str) -> list[Message]:
+    return _exchange(grid, messages, float(values["round-timeout"]), what)
 
 
-def discover(grid: Grid, values: dict) -> dict[int, dict]:
-    """node id -> {"train-users", "test-users", "task"} for every connected node (waits for min-nodes)."""
+def discover(grid: Grid, values: dict) -> dict[int, p.Description]:
+    """node id -> what it holds (train users, test users, task) for every connected node (waits for min-nodes)."""
     deadline = time.monotonic() + float(values["node-wait"])
     while len(nodes := list(grid.get_node_ids())) < int(values["min-nodes"]):
         if time.monotonic() > deadline:
@@ -91,53 +80,55 @@ def discover(grid: Grid, values: dict) -> dict[int, dict]:
                                f"within {values['node-wait']:.0f} s")
         time.sleep(1.0)
     roles = {}
-    for r in _send(grid, nodes, "query.describe", {"config": ConfigRecord({})}, values, "describe"):
-        m, task = r.content["metrics"], str(r.content["config"]["task"])
-        if values["task"] and task != values["task"]:
-            raise RuntimeError(f"node {r.metadata.src_node_id} holds {task} users, but the run is for {values['task']}")
-        roles[r.metadata.src_node_id] = {"train-users": int(m["train-users"]), "test-users": int(m["test-users"]),
-                                         "task": task}
-    if len({r["task"] for r in roles.values()}) > 1:
-        raise RuntimeError(f"the nodes hold different tasks: {sorted({r['task'] for r in roles.values()})}")
+    for r in _send(grid, [p.describe_request(n) for n in nodes], values, p.DESCRIBE.message_type):
+        node = roles[r.metadata.src_node_id] = p.Description.unpack(r)
+        if values["task"] and node.task != values["task"]:
+            raise RuntimeError(f"node {r.metadata.src_node_id} holds {node.task} users, but the run is for "
+                               f"{values['task']}")
+    if len({r.task for r in roles.values()}) > 1:
+        raise RuntimeError(f"the nodes hold different tasks: {sorted({r.task for r in roles.values()})}")
     return roles
 
 
 def _round_doc(server_round: int, module: str, metrics: list, sent_to: int, nbytes: dict, t0: float,
                note: str = "") -> dict:
     """The round's record from its replies' metrics (per-client loss is absent in DP mode: loss None)."""
-    n = sum(float(m["num-examples"]) for m in metrics)
+    n = sum(float(m[p.NUM_EXAMPLES]) for m in metrics)
     total = lambda key: sum(float(m.get(key, 0)) for m in metrics)  # noqa: E731
-    loss = (sum(float(m["loss"]) * float(m["num-examples"]) for m in metrics) / n
-            if metrics and all("loss" in m for m in metrics) else None)
+    loss = (sum(float(m[p.LOSS]) * float(m[p.NUM_EXAMPLES]) for m in metrics) / n
+            if metrics and all(p.LOSS in m for m in metrics) else None)
     doc = {"round": server_round, "module": module, "clients": len(metrics), "sent_to": sent_to, "examples": int(n),
-           "loss": loss, "llm_calls": int(total("llm-calls")), "tokens": int(total("tokens")),
-           "cache_hits": int(total("cache-hits")), "seconds": round(time.perf_counter() - t0, 2), "bytes": nbytes}
-    record_dp = [m for m in metrics if "dp-epsilon-spent" in m]
+           "loss": loss, "llm_calls": int(total(p.LLM_CALLS)), "tokens": int(total(p.TOKENS)),
+           "cache_hits": int(total(p.CACHE_HITS)), "seconds": round(time.perf_counter() - t0, 2), "bytes": nbytes}
+    record_dp = [m for m in metrics if p.DP_EPSILON in m]
     if record_dp:  # record-level DP: each client's own ledger (client/privacy.py); the round reports the worst
         worst = lambda key: max(float(m.get(key, 0.0)) for m in record_dp)  # noqa: E731
-        doc["record_dp"] = {"epsilon": worst("dp-epsilon-spent"), "item_epsilon": worst("dp-item-epsilon"),
-                            "delta": worst("dp-delta"), "noise_multiplier": worst("dp-noise-multiplier"),
-                            "clip": worst("dp-clip"), "max_item_units": int(worst("dp-item-units")),
-                            "exhausted_clients": int(sum(float(m.get("dp-exhausted", 0)) for m in record_dp))}
+        doc["record_dp"] = {"epsilon": worst(p.DP_EPSILON), "item_epsilon": worst(p.DP_ITEM_EPSILON),
+                            "delta": worst(p.DP_DELTA), "noise_multiplier": worst(p.DP_NOISE_MULTIPLIER),
+                            "clip": worst(p.DP_CLIP), "max_item_units": int(worst(p.DP_ITEM_UNITS)),
+                            "exhausted_clients": int(sum(float(m.get(p.DP_EXHAUSTED, 0)) for m in record_dp))}
     return doc | ({"released": False, "note": note} if note else {})
 
 
-def train_round(grid: Grid, values: dict, strategy, server_round: int, phase_round: int, module: str,
-                nodes: list[int], arrays: dict[str, np.ndarray], reranker_digest: str,
+def train_round(grid: Grid, values: dict, strategy, server_round: int, module: str, nodes: list[int],
+                arrays: dict[str, np.ndarray], reranker_digest: str,
                 dp: UserLevelDP | None = None) -> tuple[dict, dict]:
     """One round of `module` run by the strategy; returns (the module's new arrays, the round's record).
+    `server_round` is the run's round; the strategy gets the module's own (protocol.py: "Round numbers").
     Under dp=user a round that released nothing returns {} (arrays unchanged, no epsilon spent); a round
     that would pass dp-max-epsilon raises PrivacyBudgetExhausted before anything is sent."""
     t0 = time.perf_counter()
-    config = {"module": module, "round": server_round, "reranker-digest": reranker_digest}
+    config = p.train_config(module, reranker_digest)
+    _, phase_round = p.module_round(server_round, int(values["rounds"]))
     random.seed(f"{values['seed']}:{server_round}")  # Flower samples with `random`: a resumed run samples alike
-    if values["secagg"]:
-        r = secagg.train_round(grid, values, server_round, nodes, arrays, config, dp)
+    if values["secagg"]:  # Flower's legacy fit config: no strategy writes the round, so we do
+        r = secagg.train_round(grid, values, server_round, nodes, arrays,
+                               {**config, p.SERVER_ROUND: phase_round}, dp)
         if r.arrays is None and not dp:
             raise RuntimeError(f"round {server_round}: {r.note}")
         return r.arrays or {}, _round_doc(server_round, module, list(r.metrics.values()), r.sampled, r.bytes, t0,
                                           r.note)
-    record = _record(arrays)
+    record = p.array_record(arrays)
     if dp:  # Flower's accounted wrapper, sized for the clients this round samples (what FedAvg samples)
         live = list(NodeSubset(grid, nodes).get_node_ids())
         if not live:
@@ -147,7 +138,7 @@ def train_round(grid: Grid, values: dict, strategy, server_round: int, phase_rou
         runner, view = dp.wrap(strategy, sample), FixedNodes(grid, live)
     else:
         runner, view = strategy, NodeSubset(grid, nodes)
-    messages = list(runner.configure_train(phase_round, record, ConfigRecord(config), view))
+    messages = list(runner.configure_train(phase_round, record, config, view))
     replies = _exchange(grid, messages, float(values["round-timeout"]), f"round {server_round}")
     if dp:
         new = dp.aggregate(runner, phase_round, replies)
@@ -157,56 +148,46 @@ def train_round(grid: Grid, values: dict, strategy, server_round: int, phase_rou
             raise RuntimeError(f"round {server_round}: no train client answered")
     note = "" if new is not None else (f"skipped: {len(replies)} of {len(messages)} sampled clients answered; "
                                        "nothing released, no epsilon spent")
-    for r in replies:  # record-level DP (client/privacy.py): a spent client returns its arrays as sent
-        m = r.content["metrics"]
-        if m.get("dp-exhausted"):
+    metrics = [p.metrics_of(r) for r in replies]
+    for r, m in zip(replies, metrics):  # record-level DP (client/privacy.py): a spent client returns its arrays as sent
+        if m.get(p.DP_EXHAUSTED):
             _log(f"round {server_round}: node {r.metadata.src_node_id} has spent its record-level DP budget "
-                 f"(epsilon {float(m['dp-epsilon-spent']):.3f} at delta {float(m['dp-delta']):g}); it did not train")
+                 f"(epsilon {float(m[p.DP_EPSILON]):.3f} at delta {float(m[p.DP_DELTA]):g}); it did not train")
     down = _nbytes(record)
-    nbytes = {str(r.metadata.src_node_id): {"down": down, "up": _nbytes(r.content["arrays"])} for r in replies}
-    doc = _round_doc(server_round, module, [r.content["metrics"] for r in replies], len(messages), nbytes, t0, note)
-    return ({} if new is None else _numpy(new)), doc
+    nbytes = {str(r.metadata.src_node_id): {"down": down, "up": _nbytes(r.content[p.ARRAYS])} for r in replies}
+    doc = _round_doc(server_round, module, metrics, len(messages), nbytes, t0, note)
+    return ({} if new is None else {k: a.numpy() for k, a in new.items()}), doc
 
 
 def install(grid: Grid, values: dict, nodes: list[int], arrays: dict[str, np.ndarray], module: str) -> int:
     """Send a module's final arrays to `nodes` to keep (the reranker, before the adapter rounds)."""
-    ok = _send(grid, nodes, "query.install", {"arrays": _record(arrays), "config": ConfigRecord({"module": module})},
-               values, f"install {module}")
+    ok = _send(grid, [p.install_request(n, module, arrays) for n in nodes], values, f"install {module}")
     _log(f"final {module} installed on {len(ok)} of {len(nodes)} train clients")
     return len(ok)
 
 
 def calibrate(grid: Grid, values: dict, nodes: list[int], adapter: dict[str, np.ndarray]) -> dict:
     """The adapter margin chosen from the train clients' additive sums over held-out training queries."""
-    replies = _send(grid, nodes, "evaluate.calibrate", {"arrays": _record(adapter), "config": ConfigRecord({})},
-                    values, "calibrate")
-    sums: dict[str, float] = {}
-    for r in replies:
-        for k, v in r.content["metrics"].items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    choice = pick_margin(sums)
+    replies = _send(grid, [p.calibrate_request(n, adapter) for n in nodes], values, p.CALIBRATE.message_type)
+    choice = pick_margin(p.summed(replies))
     _log(f"adapter margin {choice['margin']} from {choice['queries']} held-out queries on {len(replies)} clients")
     return choice
 
 
-def fit_and_evaluate(grid: Grid, values: dict, nodes: list[int], shared: dict[str, np.ndarray], margin: float,
-                     task_name: str) -> dict:
+def fit_and_evaluate(grid: Grid, values: dict, nodes: list[int], shared: dict[str, np.ndarray],
+                     margin: float | None, task_name: str) -> dict:
+    """The test clients fit their users' heads and answer with `margin` (None: greedy); their summed statistics."""
     t0 = time.perf_counter()
-    record = _record(shared)
-    replies = _send(grid, nodes, "evaluate", {"arrays": record, "config": ConfigRecord({"margin": margin})},
-                    values, "fit-and-evaluate")
+    messages = [p.evaluate_request(n, shared, margin) for n in nodes]
+    replies = _send(grid, messages, values, "fit-and-evaluate")
     if not replies:
         raise RuntimeError("fit-and-evaluate: no test client answered")
-    stats: dict[str, float] = {}
-    for r in replies:
-        for k, v in r.content["metrics"].items():
-            if k.startswith("stat:"):
-                stats[k[5:]] = stats.get(k[5:], 0.0) + float(v)
-    total = lambda key: int(sum(float(r.content["metrics"][key]) for r in replies))  # noqa: E731
-    return {"metrics": metrics_from_stats(get_task(task_name), stats), "users": total("users"),
-            "clients": len(replies), "sent_to": len(nodes), "llm_calls": total("llm-calls"),
-            "tokens": total("tokens"), "cache_hits": total("cache-hits"), "seconds": round(time.perf_counter() - t0, 2),
-            "bytes_down_per_client": _nbytes(record)}
+    total = p.summed(replies)
+    return {"metrics": metrics_from_stats(get_task(task_name), p.summed(replies, p.STAT)),
+            "users": int(total[p.USERS]), "clients": len(replies), "sent_to": len(nodes),
+            "llm_calls": int(total[p.LLM_CALLS]), "tokens": int(total[p.TOKENS]),
+            "cache_hits": int(total[p.CACHE_HITS]), "seconds": round(time.perf_counter() - t0, 2),
+            "bytes_down_per_client": _nbytes(messages[0].content[p.ARRAYS]) if messages else 0}
 
 
 def privacy_setup(values: dict, train_nodes: list[int]) -> UserLevelDP | None:
@@ -228,12 +209,13 @@ def run(grid: Grid, values: dict) -> dict:
     """The whole federated job; returns (and writes) what OUT/federated.json holds."""
     out, cfg = Path(values["out"]), HydraConfig.from_settings(values)
     rounds = int(values["rounds"])
+    total_rounds = len(p.MODULES) * rounds
     roles = discover(grid, values)
     if not roles:
         raise RuntimeError("no node answered the describe query")
-    task_name = values["task"] or next(iter(roles.values()))["task"]
-    train_nodes = sorted(n for n, r in roles.items() if r["train-users"])
-    test_nodes = sorted(n for n, r in roles.items() if r["test-users"])
+    task_name = values["task"] or next(iter(roles.values())).task
+    train_nodes = sorted(n for n, r in roles.items() if r.train_users)
+    test_nodes = sorted(n for n, r in roles.items() if r.test_users)
     _log(f"{len(roles)} nodes: {len(train_nodes)} train clients, {len(test_nodes)} test clients; "
          f"strategy {values['strategy']}, {rounds} rounds per module")
     if not train_nodes:
@@ -249,7 +231,7 @@ def run(grid: Grid, values: dict) -> dict:
             if ledger is None:
                 raise ValueError(f"the checkpoint in {out / 'checkpoint'} holds no privacy ledger to continue")
             dp.load_state_dict(ledger)
-        _log(f"resuming after round {start} of {2 * rounds}")
+        _log(f"resuming after round {start} of {total_rounds}")
     else:  # seeded: every run starts from the same weights
         shared = {k: v.numpy() for k, v in shared_arrays(HydraModels.new(cfg)).items()}
     if dp:
@@ -266,20 +248,20 @@ def run(grid: Grid, values: dict) -> dict:
         write_atomic(out / "federated.json", json.dumps(doc, indent=1) + "\n")
         return doc
 
-    for i, module in enumerate(MODULES):
-        first, last = i * rounds + 1, (i + 1) * rounds
+    for module in p.MODULES:
+        first, last = p.run_round(module, 1, rounds), p.run_round(module, rounds, rounds)
         if start >= last:
             continue
         strategy = make_strategy(values)
         if state and start >= first:  # resuming inside this module's rounds
             load_state_arrays(strategy, state)
-        reranker_digest = digest(of_module(shared, "reranker")) if module == "adapter" else ""
-        if module == "adapter":
-            install(grid, values, train_nodes, of_module(shared, "reranker"), "reranker")
+        reranker_digest = digest(p.of_module(shared, p.RERANKER)) if module == p.ADAPTER else ""
+        if module == p.ADAPTER:  # its labels come from prompts built with the final reranker
+            install(grid, values, train_nodes, p.of_module(shared, p.RERANKER), p.RERANKER)
         for server_round in range(max(start + 1, first), last + 1):
             try:
-                arrays, record = train_round(grid, values, strategy, server_round, server_round - first + 1, module,
-                                             train_nodes, of_module(shared, module), reranker_digest, dp)
+                arrays, record = train_round(grid, values, strategy, server_round, module, train_nodes,
+                                             p.of_module(shared, module), reranker_digest, dp)
             except PrivacyBudgetExhausted as exc:  # nothing of this round was sent
                 _log(f"round {server_round} not run: {exc}")
                 return finish("privacy budget exhausted", f"before round {server_round}: {exc}")
@@ -291,23 +273,23 @@ def run(grid: Grid, values: dict) -> dict:
                             dp.state_dict() if dp else None)
             up = max((b["up"] for b in record["bytes"].values()), default=0)
             loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
-            _log(f"round {server_round}/{2 * rounds} ({module}): {record['clients']} clients, loss {loss}, "
+            _log(f"round {server_round}/{total_rounds} ({module}): {record['clients']} clients, loss {loss}, "
                  f"{record['seconds']:.1f} s, up {up / 1e6:.1f} MB/client"
                  + (f", epsilon {dp.epsilon:.4f}" if dp else "")
                  + (f", worst client's epsilon {record['record_dp']['epsilon']:.4f} (item "
                     f"{record['record_dp']['item_epsilon']:.1f})" if "record_dp" in record else "")
                  + (f"; {record['note']}" if "note" in record else ""))
-            if values["stop-after-round"] and server_round == values["stop-after-round"] < 2 * rounds:
+            if values["stop-after-round"] and server_round == values["stop-after-round"] < total_rounds:
                 _log(f"stopped after round {server_round}; continue with resume=true")
                 return finish(f"stopped after round {server_round}")
     margin = cfg.margin
     if margin == MARGIN_AUTO:
-        doc["calibration"] = calibrate(grid, values, train_nodes, of_module(shared, "adapter"))
+        doc["calibration"] = calibrate(grid, values, train_nodes, p.of_module(shared, p.ADAPTER))
         margin = doc["calibration"]["margin"]
     doc["margin"] = margin
     if test_nodes:
-        sent = -1.0 if margin == MARGIN_OFF else float(margin)
-        doc["evaluation"] = fit_and_evaluate(grid, values, test_nodes, shared, sent, task_name)
+        doc["evaluation"] = fit_and_evaluate(grid, values, test_nodes, shared,
+                                             None if margin == MARGIN_OFF else float(margin), task_name)
         _log(f"fit-and-evaluate on {doc['evaluation']['users']} unseen users: {doc['evaluation']['metrics']}")
     return finish("done")
 

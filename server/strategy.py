@@ -16,6 +16,8 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
+from fedhydra.common.protocol import NUM_EXAMPLES
+
 # Flower's defaults where FedHydra's settings say 0 (server-lr); see common/settings.py.
 ADAPTIVE_ETA = 1e-3
 STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
@@ -25,7 +27,7 @@ def make_strategy(values: dict) -> Strategy:
     """The strategy the `strategy` setting names, configured from the federation settings."""
     name = values["strategy"]
     common = dict(fraction_train=float(values["fraction-train"]), fraction_evaluate=0.0, min_train_nodes=1,
-                  min_available_nodes=1, weighted_by_key="num-examples")
+                  min_available_nodes=1, weighted_by_key=NUM_EXAMPLES)
     lr = float(values["server-lr"])
     if name == "fedavg":
         return FedAvg(**common)

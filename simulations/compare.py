@@ -34,7 +34,7 @@ from fedhydra.common.tasks import Task
 
 from .results import MethodResult
 
-AnswerFn = Callable[[User], Answer]
+AnswersFn = Callable[[list[User]], list[Answer]]  # every user's answer, in order
 PROMPT_BASELINES = ("zero-shot", "rag-")
 REFERENCES = ("copy-input", "first-words", "majority-label", "user-mean", "user-mode", "mbr", "closest", "oracle")
 CANDIDATE_RULES = ("mbr", "closest", "oracle")  # pick among hydra's candidates: need hydra or hydra-adapter
@@ -43,20 +43,21 @@ REFERENCE_KINDS = {"copy-input": ("generation",), "first-words": ("generation",)
 BOOTSTRAP = 2000
 
 
-def run_method(name: str, task: Task, users: list[User], answer: AnswerFn, llm: LLM,
+def run_method(name: str, task: Task, users: list[User], answers: AnswersFn, llm: LLM,
                progress: bool = True) -> tuple[MethodResult, list[dict]]:
-    """Answer every user's query with `answer`; score against the golds; count what it cost."""
+    """Answer every user's query with `answers` (all users at once, so their LLM requests share the request
+    pool); score against the golds; count what it cost."""
     missing = [u.id for u in users if u.gold is None]
     if missing:
         raise ValueError(f"{name}: users without a gold answer cannot be evaluated: {missing[:5]}")
     before, t0, fitted = llm.stats.copy(), time.perf_counter(), fit.fit_stats(llm).copy()
-    rows = []
-    for i, user in enumerate(users, 1):
-        a = answer(user)
-        rows.append({"id": user.id, "prediction": a.text, "gold": user.gold, "items": [it.get("id") for it in a.items],
-                     "candidates": a.candidates, "scores": a.scores, "sampled": a.sampled})
-        if progress and (i % 10 == 0 or i == len(users)):
-            print(f"{name}: {i}/{len(users)} users", flush=True)
+    got = answers(users)
+    if len(got) != len(users):
+        raise RuntimeError(f"{name}: {len(got)} answers for {len(users)} users")
+    rows = [{"id": user.id, "prediction": a.text, "gold": user.gold, "items": [it.get("id") for it in a.items],
+             "candidates": a.candidates, "scores": a.scores, "sampled": a.sampled} for user, a in zip(users, got)]
+    if progress:
+        print(f"{name}: {len(users)}/{len(users)} users", flush=True)
     used = llm.stats.minus(before)
     result = score_rows(name, task, rows, used.calls, used.tokens, used.cache_hits, time.perf_counter() - t0)
     result.extra["prompts"] = fit.fit_stats(llm).minus(fitted).as_dict()  # how many were cut to fit, by how much
@@ -76,7 +77,8 @@ def run_baselines(task: Task, users: list[User], methods: list[str], llm: LLM, s
     results, predictions = [], {}
     for name in methods:
         b = Baseline.parse(name, style)
-        r, rows = run_method(name, task, users, lambda u, b=b: b.answer(task, llm, retriever, u, seed), llm, progress)
+        r, rows = run_method(name, task, users, lambda us, b=b: b.answer_many(task, llm, retriever, us, seed), llm,
+                             progress)
         results.append(r)
         predictions[name] = rows
     return results, predictions
@@ -218,9 +220,10 @@ def ratios(task: Task, predictions: dict[str, list[dict]], seed: int = 0) -> dic
     for m, v in values.items():
         num, den = (v, values[best]) if higher else (values[best], v)
         point = num.mean() / den.mean() if den.mean() else float("nan")
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose baseline scores 0: no ratio
             boot = num[idx].mean(1) / den[idx].mean(1)
-        lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+            boot[~np.isfinite(boot)] = np.nan
+            lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if not np.isnan(boot).all() else (np.nan, np.nan)
         out[m] = {"ratio": round(float(point), 4), "low": round(float(lo), 4), "high": round(float(hi), 4),
                   "baseline": best}
     return out

@@ -54,7 +54,7 @@ def run_hydra(task: Task, llm: LLM, train_users: list[User], test_users: list[Us
     pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
     results, predictions = [], {}
     for name in methods:
-        r, rows = run_method(name, task, test_users, lambda u, mode=MODES[name]: pipe.answer(u, mode), llm)
+        r, rows = run_method(name, task, test_users, lambda us, mode=MODES[name]: pipe.answer_many(us, mode), llm)
         results.append(r)
         predictions[name] = rows
     return results, predictions, report, models

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from fedhydra.common.files import atomic_path
+from fedhydra.common.protocol import MODULES
 
 
 def save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure as a PNG, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:  # matplotlib picks the format from the suffix
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot_rounds(rounds: list[dict], out: str | os.PathLike, title: str) -> list[Path]:
@@ -31,7 +26,7 @@ def plot_rounds(rounds: list[dict], out: str | os.PathLike, title: str) -> list[
     xs = [r["round"] for r in rounds]
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for module, marker in (("reranker", "o"), ("adapter", "s")):
+    for module, marker in zip(MODULES, "os"):
         pts = [(r["round"], r["loss"]) for r in rounds if r["module"] == module and r["loss"] is not None]
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=f"{module} train loss")

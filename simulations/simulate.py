@@ -26,21 +26,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fedhydra.client.state import ClientState, check_origin, partition_origin
 from fedhydra.common import settings
 from fedhydra.common.config import HydraConfig
 from fedhydra.common.data import dataset_name
-from fedhydra.common.pipeline import MODES
 from fedhydra.common.llm import default_cache_dir, llm_from_settings
 from fedhydra.common.partition import federated_split, load_users
+from fedhydra.common.pipeline import MODES
 from fedhydra.common.prompts import default_style
+from fedhydra.common.protocol import FULL
 from fedhydra.common.tasks import Task
 from fedhydra.server.privacy_statement import markdown_lines
 
+from .app_folder import CLIENTAPP, write_app
 from .compare import (PROMPT_BASELINES, REFERENCES, check_references, ratios, run_baselines, run_method,
                       run_references)
-from fedhydra.client.state import ClientState, check_origin, partition_origin
-
-from .app_folder import CLIENTAPP, write_app
 from .deployment import Deployment
 from .results import MethodResult, Outcomes, markdown_table, write_results
 
@@ -53,6 +53,8 @@ def federated_plan(values: dict, out: Path, parallel: int = 0, given: tuple[str,
     Every simulated client gets an equal share of the cores for torch and the LLM (threads, llm-threads), unless
     the user gave those flags (`given`): an explicit flag always wins. The choice is printed by run_federated.
     """
+    import torch
+
     n = int(values["clients"]) + int(values["test-clients"])
     cores = os.cpu_count() or 1
     parallel = max(1, min(parallel or cores, n))
@@ -60,16 +62,19 @@ def federated_plan(values: dict, out: Path, parallel: int = 0, given: tuple[str,
     fed = values | {"out": str(out / "federated"), "state-root": str(out / "clients"), "min-nodes": n}
     fed |= {k: share for k in ("threads", "llm-threads") if k not in given}
     options = {"num-supernodes": n, "client-resources-num-cpus": share, "init-args-num-cpus": cores}
-    import torch
-
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         options |= {"client-resources-num-gpus": gpus / parallel, "init-args-num-gpus": gpus}
     return fed, options
 
 
-def check_client_states(fed: dict) -> None:
-    """Refuse at once a state root that holds another run's clients (each client would refuse it, later)."""
+def check_federated_start(fed: dict) -> None:
+    """Refuse at once what the Flower run would refuse later: a resume under other settings, and a state root that
+    holds another run's clients (each client would refuse its folder, after the baselines had run)."""
+    if fed["resume"]:
+        from fedhydra.server import checkpoint
+
+        checkpoint.load(Path(fed["out"]) / "checkpoint", checkpoint.fingerprint(fed))
     root = Path(fed["state-root"])
     for pid in range(int(fed["clients"]) + int(fed["test-clients"])):
         folder = root / f"client-{pid}"
@@ -84,11 +89,7 @@ def run_federated(values: dict, out: Path, parallel: int = 0, clientapp: str = C
     echo(f"{options['num-supernodes']} simulated clients, {options['client-resources-num-cpus']} CPU(s) each; "
          f"threads {fed['threads']}, llm-threads {fed['llm-threads']}"
          f"{'' if {'threads', 'llm-threads'} <= set(given) else ' (automatic share of the cores unless given)'}")
-    if fed["resume"]:  # refuse a resume under other settings here, before starting anything
-        from fedhydra.server import checkpoint
-
-        checkpoint.load(Path(fed["out"]) / "checkpoint", checkpoint.fingerprint(fed))
-    check_client_states(fed)
+    check_federated_start(fed)
     app = write_app(out / "flower" / "app", fed, clientapp=clientapp, files=files)
     with Deployment(out / "flower", simulation=True, log=echo) as deployment:
         deployment.start_superlink()
@@ -135,10 +136,10 @@ def run_local(task: Task, llm, groups: list, cfg: HydraConfig):
         report = train(task, llm, group, cfg, models)
         margin = resolve_margin(cfg, report.get("calibration", {}).get("margin", "off"))
         pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
-        answers |= {u.id: pipe.answer(u, "full") for u in group}
+        answers |= dict(zip([u.id for u in group], pipe.answer_many(group, FULL)))
         users += group
         print(f"hydra-local: client {i}/{len(groups)} done", flush=True)
-    result, rows = run_method("hydra-local", task, users, lambda u: answers[u.id], llm, progress=False)
+    result, rows = run_method("hydra-local", task, users, lambda us: [answers[u.id] for u in us], llm, progress=False)
     used = llm.stats.minus(before)
     result.llm_calls, result.tokens, result.cache_hits = used.calls, used.tokens, used.cache_hits
     result.wall_s = round(time.perf_counter() - t0, 2)
@@ -165,7 +166,7 @@ def simulation_plan(args: argparse.Namespace, values: dict) -> dict:
     given = tuple(settings.from_args(args))
     fed, options = federated_plan(values, out, args.parallel, given)
     if "hydra-fed" in methods:
-        check_client_states(fed)
+        check_federated_start(fed)
     return {"methods": methods, "out": out, "parallel": args.parallel, "task": split.task, "values": values,
             "parts": parts, "test_groups": test_groups, "given": given,
             "train_users": [u for role, users in parts if role == "train" for u in users],

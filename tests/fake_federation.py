@@ -15,11 +15,12 @@ import copy
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from fedhydra.client.client_app import train_mods
+from fedhydra.common import protocol as p
 from fedhydra.common import settings
 from fedhydra.server import server_app
 
@@ -106,33 +107,30 @@ class FakeFederation(NodesGrid):
         self.inner: list[dict] = []  # Message-API train message and clipped reply, before SecAgg+ masks it
         self.raw: list[dict] = []  # what the stand-in trainer returned, before any mod
         self.app = ClientApp()
-        self.app.query("describe")(self._describe)
-        self.app.query("install")(lambda msg, ctx: Message(RecordDict({"metrics": MetricRecord({"arrays": 1})}),
-                                                           reply_to=msg))
-        self.app.train(mods=train_mods([self._record_inner]))(self._train)
+        p.DESCRIBE.register(self.app, self._describe)
+        p.INSTALL.register(self.app, lambda msg, ctx: p.install_reply(msg, len(p.arrays_of(msg))))
+        p.TRAIN.register(self.app, self._train, mods=train_mods([self._record_inner]))
 
     # ---- the client side
     @staticmethod
     def _describe(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({"metrics": MetricRecord({"train-users": 1, "test-users": 0}),
-                                   "config": ConfigRecord({"task": "LaMP_2M"})}), reply_to=msg)
+        return p.describe_reply(msg, 1, 0, "LaMP_2M")
 
     def _train(self, msg: Message, context: Context) -> Message:
-        arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-        config = msg.content["config"]
-        step = raw_update(context.node_id, int(config["round"]), arrays, float(self.values["dp-clip"]))
-        new = {k: v + step[k] for k, v in arrays.items()}
-        self.raw.append({"node": context.node_id, "round": int(config["round"]), "update": step})
-        metrics = {"num-examples": 17, "users": 1, "loss": 0.6931, "accuracy": 0.5, "llm-calls": 4, "tokens": 321,
-                   "cache-hits": 0, "seconds": 0.01}
-        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}),
-                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
+        request = p.TrainRequest.unpack(msg, int(self.values["rounds"]))
+        step = raw_update(context.node_id, request.server_round, request.arrays, float(self.values["dp-clip"]))
+        new = {k: v + step[k] for k, v in request.arrays.items()}
+        self.raw.append({"node": context.node_id, "round": request.server_round, "update": step})
+        metrics = {p.NUM_EXAMPLES: 17, p.USERS: 1, p.LOSS: 0.6931, p.ACCURACY: 0.5, p.LLM_CALLS: 4, p.TOKENS: 321,
+                   p.CACHE_HITS: 0, p.SECONDS: 0.01}
+        return p.reply(msg, metrics, new)
 
     def _record_inner(self, msg: Message, context: Context, call_next) -> Message:
-        sent = {k: a.numpy().copy() for k, a in msg.content["arrays"].items()}
+        request = p.TrainRequest.unpack(msg, int(self.values["rounds"]))
         reply = call_next(msg, context)
-        self.inner.append({"node": context.node_id, "round": int(msg.content["config"]["round"]), "sent": sent,
-                           "returned": {k: a.numpy().copy() for k, a in reply.content["arrays"].items()}})
+        self.inner.append({"node": context.node_id, "round": request.server_round,
+                           "sent": {k: a.copy() for k, a in request.arrays.items()},
+                           "returned": {k: a.copy() for k, a in p.arrays_of(reply).items()}})
         return reply
 
     # ---- the wire
@@ -141,22 +139,27 @@ class FakeFederation(NodesGrid):
         for m in messages:
             m = copy.deepcopy(m)  # each node gets its own copy, as after serialization
             node, kind = m.metadata.dst_node_id, m.metadata.message_type
-            configs = [r for r in m.content.config_records.values() if "round" in r]
-            rnd = int(configs[0]["round"]) if configs else 0
+            rnd = self.run_round(m)
             self.sent.append((kind, node, rnd))
-            if kind == "train" and self.drop.get(rnd) == node:
+            if kind == p.TRAIN.message_type and self.drop.get(rnd) == node:
                 continue
-            sent = ({k: a.numpy().copy() for k, a in m.content["arrays"].items()}
-                    if "arrays" in m.content.array_records else None)
+            sent = ({k: a.copy() for k, a in p.arrays_of(m).items()} if p.ARRAYS in m.content.array_records else None)
             reply = self.app(m, self.contexts[node])
-            if kind == "train":
+            if kind == p.TRAIN.message_type:
                 self.replies.append({"node": node, "round": rnd, "sent": sent, "content": reply.content})
             out.append(reply)
         return out
 
+    def run_round(self, m: Message) -> int:
+        """The run's round of a train message (plain, or SecAgg+'s legacy fit message); 0 for other messages."""
+        configs = [r for r in m.content.config_records.values() if p.SERVER_ROUND in r and p.MODULE in r]
+        if not configs:
+            return 0
+        return p.run_round(str(configs[0][p.MODULE]), int(configs[0][p.SERVER_ROUND]), int(self.values["rounds"]))
+
     # ---- what the tests read
     def train_rounds_sent(self) -> list[int]:
-        return sorted({rnd for kind, _, rnd in self.sent if kind == "train" and rnd})
+        return sorted({rnd for kind, _, rnd in self.sent if kind == p.TRAIN.message_type and rnd})
 
 
 def norm(arrays: dict[str, np.ndarray]) -> float:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fedhydra.client.state import ClientState
 from fedhydra.client.train_mods import PUBLIC_TRAIN_METRICS
-from fedhydra.common import settings
+from fedhydra.common import protocol, settings
 from fedhydra.common.config import get_config
 from fedhydra.common.hydra import HydraModels, shared_arrays
 from fedhydra.common.partition import load_users
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from fedhydra.client.client_app import build_app
+from fedhydra.common.protocol import TrainRequest
 
 FOLDER = Path({folder!r})
 INNER = {inner!r}
@@ -85,7 +86,8 @@ def record_inner(msg, context, call_next):
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {{"sent|" + k.replace("/", "|"): a.numpy() for k, a in msg.content["arrays"].items()}}
         arrays |= {{"returned|" + k.replace("/", "|"): a.numpy() for k, a in reply.content["arrays"].items()}}
-        np.savez(folder / f"{{int(msg.content['config']['round'])}}-{{context.node_id}}.npz", **arrays)
+        server_round = TrainRequest.unpack(msg, int(context.run_config["rounds"])).server_round
+        np.savez(folder / f"{{server_round}}-{{context.node_id}}.npz", **arrays)
     return reply
 
 
@@ -167,7 +169,7 @@ def _answer_from_state(folder: Path) -> float:
     [user] = state.users("test")
     pipe = HydraPipeline(state.task, llm, Retriever(state.task), models.reranker, models.adapter, cfg, margin)
     calls = llm.stats.calls
-    answer = pipe.answer(user, "full").text
+    answer = pipe.answer(user, protocol.FULL).text
     assert llm.stats.calls == calls, "the answer is recomputed from the client's cached LLM replies"
     return evaluate(state.task, [answer], [user.gold])["accuracy"]
 

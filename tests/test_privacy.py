@@ -330,7 +330,7 @@ def test_the_server_logs_a_spent_client_and_the_round_proceeds(monkeypatch, capl
                         2: (sent, {**common, "num-examples": 1, "loss": 0.0, "dp-exhausted": 1})})
     values = settings.defaults()
     with caplog.at_level("INFO", logger="flwr"):
-        new, record = server_app.train_round(grid, values, make_strategy(values), 1, 1, "reranker", [1, 2], sent, "")
+        new, record = server_app.train_round(grid, values, make_strategy(values), 1, "reranker", [1, 2], sent, "")
     np.testing.assert_allclose(new["reranker/base/w"], 0.75)  # (3 * 1 + 1 * 0) / 4: the spent client weighs 1
     spent = [r for r in caplog.records if "record-level DP budget" in r.getMessage()]
     assert len(spent) == 1 and "node 2" in caplog.text and "epsilon 2.500" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedhydra.common import settings
 from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
 from fedhydra.common.training import CandidateGroup, ScoredExample, batch_loss, fit_stage, train_stage
 
@@ -180,7 +181,9 @@ def test_fit_stage_personalizes_an_unseen_user_on_a_frozen_base(model):
 
 
 def test_feature_weights_are_shared_start_at_zero_have_their_own_lr_and_stay_frozen_in_fit():
-    from fedhydra.common.scorer import FEATURE_LR, FEATURE_WEIGHTS
+    from fedhydra.common.scorer import FEATURE_WEIGHTS
+
+    FEATURE_LR = settings.SETTINGS["feature-lr"].default
     from fedhydra.common.training import param_groups
 
     torch.manual_seed(0)

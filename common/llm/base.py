@@ -14,13 +14,17 @@ class LLMError(RuntimeError):
 
 @dataclass
 class LLMStats:
-    """Counts since the backend was made: calls that reached the model, tokens, cache hits."""
+    """Counts since the backend was made: calls that reached the model, tokens, cache hits, and the requests
+    repeated (retries), among them those the endpoint refused with 429 (refusals) or answered with a 200 that
+    was no usable chat completion (malformed)."""
 
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cache_hits: int = 0
     retries: int = 0
+    refusals: int = 0
+    malformed: int = 0
 
     @property
     def tokens(self) -> int:

