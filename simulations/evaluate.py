@@ -141,6 +141,9 @@ def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
             extra["hydra training"] = report
             info["adapter margin"] = "off" if report["margin"] is None else report["margin"]
             info["hydra train+fit s"] = report["wall_s"]
+            cut = report["prompts"]
+            info["hydra train+fit prompts cut to fit"] = f"{cut['cut']} of {cut['prompts']}" + (
+                f" (mean {cut['mean_removed']:g} tokens removed)" if cut["cut"] else "")
             return r, p
         done.attempt(hydra, _hydra)
     run_references(done, task, test_users, refs, train_users)
