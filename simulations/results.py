@@ -127,6 +127,9 @@ def write_results(out: Path, task: Task, results: list[MethodResult], run_info: 
                     f"a lower error, as for every ratio here (per user: |error|, the rating metric's convention)")
         note = (f"\n\nRatio: {how}, on the same users, with a 95% paired bootstrap interval over users.")
     note += cut_note(results)
+    rules = [f"{r.method}: {r.extra['rule']}" for r in results if r.extra.get("rule")]
+    if rules:
+        note += "\n\nWhat the training-free rules learned from the training users: " + "; ".join(rules) + "."
     if failed:
         note += "\n\nFailed (no result): " + "; ".join(f"{name}: {line}" for name, line in failed.items())
     title = run_info.get("data set") or f"{task.name} ({task.title})"
