@@ -123,8 +123,9 @@ def _federated_parser(sub, name: str, methods: bool = True, skip: tuple = (), **
     p = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
     if methods:
         p.add_argument("--methods", default="zero-shot,rag-4,hydra,hydra-local,hydra-fed",
-                       help="comma-separated: zero-shot, rag-K, icl-random-K, copy-input, mbr, closest, oracle, hydra, "
-                            "hydra-reranker, hydra-adapter, hydra-local, hydra-fed")
+                       help="comma-separated: zero-shot, rag-K, icl-random-K, copy-input, first-words, majority-label, "
+                            "user-mean, user-mode, mbr, closest, oracle, hydra, hydra-reranker, hydra-adapter, "
+                            "hydra-local, hydra-fed")
     p.add_argument("--parallel", type=int, default=0,
                    help="clients run at once in the simulation (default: one per CPU core)")
     settings.add_arguments(p, SIMULATED,
@@ -161,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "queries and writes results.json, results.md and predictions/ into --out, "
                                     "with each method's ratio to the best prompt baseline and its 95%% paired "
                                     "bootstrap interval.")
-    ev.add_argument("--methods", default="zero-shot,rag-4,copy-input,mbr,oracle,hydra-reranker,hydra-adapter,hydra",
-                    help="comma-separated: zero-shot, rag-K, icl-random-K, copy-input, mbr, oracle, "
-                         "hydra-reranker, hydra-adapter, hydra")
+    ev.add_argument("--methods", default="default",
+                    help="comma-separated: zero-shot, rag-K, icl-random-K, copy-input, first-words, majority-label, "
+                         "user-mean, user-mode, mbr, closest, oracle, hydra-reranker, hydra-adapter, hydra; "
+                         "'default': the prompt baselines, the task kind's references and the hydra variants")
     ev.add_argument("--train-data", default=None, help="LaMP split for the train users (with --test-data)")
     ev.add_argument("--test-data", default=None, help="LaMP split for the test users (with --train-data)")
     ev.add_argument("--out", required=True, help="results folder")

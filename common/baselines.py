@@ -10,7 +10,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from . import prompts
+from . import fit
 from .llm.base import LLM
 from .llm.pool import fan_out
 from .pipeline import Answer, messages_for
@@ -54,6 +54,6 @@ class Baseline:
 
         def ask(j: int) -> Answer:
             messages = messages_for(task, llm, users[j].input, items[j], self.style, seed)
-            text = llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS[task.kind], seed=seed)[0]
+            text = llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, llm), seed=seed)[0]
             return Answer(text=text.strip(), items=items[j], candidates=[text])
         return fan_out(llm, ask, range(len(users)))

@@ -294,3 +294,37 @@ def split_users(users: list[User], n_train: int, n_test: int, seed: int) -> tupl
         raise ValueError(f"asked for {n_train} training + {n_test} test users but only {len(users)} users exist")
     order = random.Random(seed).sample(range(len(users)), n_train + n_test)
     return [users[i] for i in order[:n_train]], [users[i] for i in order[n_train:]]
+
+
+DATA_NOTES = ("SOURCES.md", "README.md")  # files that may describe a data folder, read for its name
+
+
+def dataset_name(path: str | Path | None, task: Task, given: str = "") -> str:
+    """The data set's name for results: `given` (the data-name setting) as written; else, when a SOURCES.md or
+    README.md beside the split (or one folder up) opens with a heading "<name> as ..." (e.g. "Amazon reviews as
+    two LaMP-format tasks"), "<name>, LaMP-3 format": data in a LaMP task's format is never reported as that LaMP
+    task. Otherwise (LaMP's own files, synthetic users): the task's name and title."""
+    if given.strip():
+        return given.strip()
+    if path:
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        for where in (folder, folder.parent):
+            for note in DATA_NOTES:
+                heading = _heading(where / note)
+                if heading and " as " in heading:
+                    return f"{heading.split(' as ', 1)[0].strip()}, {task.name.replace('_', '-')} format"
+    return f"{task.name} ({task.title})"
+
+
+def _heading(path: Path) -> str | None:
+    """The first Markdown heading of a file ('# ...'), or None when it is absent or unreadable."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("# "):
+                    return line[2:].strip()
+                if line.strip():
+                    return None
+    except OSError:
+        return None
+    return None

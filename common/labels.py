@@ -35,7 +35,7 @@ import random
 from dataclasses import dataclass
 from statistics import fmean
 
-from . import prompts, selection
+from . import fit, selection
 from .config import MARGIN_AUTO, HydraConfig
 from .llm.base import LLM
 from .llm.pool import fan_out
@@ -101,7 +101,7 @@ def reranker_pairs(retriever: Retriever, user: User, pqs: list[PseudoQuery], cfg
 def one_shot_answer(task: Task, llm: LLM, pq: PseudoQuery, item: dict, cfg: HydraConfig) -> str:
     """The LLM's greedy answer to `pq` with `item` as its only demonstration."""
     messages = messages_for(task, llm, pq.input, [item], cfg.style_or_none, cfg.seed)
-    return llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS[task.kind],
+    return llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, llm),
                         seed=cfg.seed)[0].strip()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import prompts, selection
+from . import fit, prompts, selection
 from .config import HydraConfig
 from .llm.base import LLM
 from .protocol import ADAPTER, ANSWER_MODES, FULL, RERANKER
@@ -41,19 +41,37 @@ class Answer:
 
 def neutral_input(llm: LLM, text: str, seed: int) -> str:
     """The LLM's greedy neutral rewrite of an item that has no input (a LaMP-7 tweet): its pseudo-input."""
-    messages = [{"role": "user", "content": NEUTRAL_PROMPT.format(text=text)}]
-    out = llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS["generation"], seed=seed)[0]
+    max_tokens = fit.GENERATION_TOKENS
+    messages = fit.fit_messages(llm, lambda t: [{"role": "user", "content": NEUTRAL_PROMPT.format(text=t[0])}],
+                                [text], max_tokens, what="neutral rewrite prompt")
+    out = llm.complete(messages, n=1, temperature=0.0, max_tokens=max_tokens, seed=seed)[0]
     return out.strip().strip('"') or text
 
 
-def messages_for(task: Task, llm: LLM, task_input: str, items: list[dict], style: str | None, seed: int) -> list[dict]:
-    """The prompt with `items`; the chat style on a task whose items have no input (LaMP-7) first gives each
-    item its pseudo-input (one cached LLM call per item)."""
+def _longest_field(task: Task, item: dict) -> str:
+    """The item's text field that fitting may cut (every LaMP task has one; the longest if there were more)."""
+    return max(task.text_fields, key=lambda f: len(str(item.get(f, ""))))
+
+
+def messages_for(task: Task, llm: LLM, task_input: str, items: list[dict], style: str | None, seed: int,
+                 max_tokens: int | None = None) -> list[dict]:
+    """The prompt with `items`, cut to fit the LLM's context window with `max_tokens` (default: the task's answer
+    size, fit.answer_tokens) left for the answer (fit.py: LaMP's truncation of the input and the item texts).
+    The chat style on a task whose items have no input (LaMP-7) first gives each item its pseudo-input (one
+    cached LLM call per item)."""
     style = style or prompts.default_style(task)
     if style == "chat" and task.label_field is None:
         pseudo = fan_out(llm, lambda i: neutral_input(llm, task.item_text(i), seed), items)
         items = [{**i, prompts.PSEUDO_INPUT: p} for i, p in zip(items, pseudo)]
-    return prompts.with_items(task, task_input, items, style)
+    head, body = fit.split_input(task, task_input)
+    fields = [_longest_field(task, i) for i in items]
+
+    def build(texts: list[str]) -> list[dict]:
+        cut = [{**i, f: t} for i, f, t in zip(items, fields, texts[1:])]
+        return prompts.with_items(task, head + texts[0], cut, style)
+
+    texts = [body] + [str(i[f]) for i, f in zip(items, fields)]
+    return fit.fit_messages(llm, build, texts, max_tokens or fit.answer_tokens(task, llm), what=f"{task.name} prompt")
 
 
 def rerank(reranker: HydraScorer | None, user_id: str, task: Task, query: str, items: list[dict], k: int) -> list[dict]:
@@ -68,7 +86,7 @@ def rerank(reranker: HydraScorer | None, user_id: str, task: Task, query: str, i
 def sample_candidates(task: Task, llm: LLM, messages: list[dict], n: int, seed: int, temperature: float) -> list[str]:
     """The greedy answer first, then `n` samples at `temperature` (seeded, so reruns hit the cache); the two
     requests go through the request pool together."""
-    max_tokens = prompts.MAX_TOKENS[task.kind]
+    max_tokens = fit.answer_tokens(task, llm)
     greedy, samples = fan_out(llm, lambda r: llm.complete(messages, n=r[0], temperature=r[1], max_tokens=max_tokens,
                                                           seed=seed), [(1, 0.0), (n, temperature)])
     return [c.strip() for c in greedy + samples]
@@ -113,7 +131,7 @@ class HydraPipeline:
         cfg, task = self.config, self.task
         messages = messages_for(task, self.llm, user.input, items, cfg.style_or_none, cfg.seed)
         if mode == RERANKER or self.adapter is None:
-            text = self.llm.complete(messages, n=1, temperature=0.0, max_tokens=prompts.MAX_TOKENS[task.kind],
+            text = self.llm.complete(messages, n=1, temperature=0.0, max_tokens=fit.answer_tokens(task, self.llm),
                                      seed=cfg.seed)[0].strip()
             return [text]
         return sample_candidates(task, self.llm, messages, cfg.candidates, cfg.seed, cfg.temperature)

@@ -17,9 +17,6 @@ from .tasks import Task
 STYLES = ("system", "chat", "lamp")
 DEFAULT_STYLE = {"LaMP_7": "system", "LaMP_4": "system", "LaMP_5": "system"}  # others: "chat"
 
-# Answers are short: a label, a digit, a title or a tweet.
-MAX_TOKENS = {"classification": 16, "rating": 8, "generation": 64}
-
 PSEUDO_INPUT = "pseudo_input"  # an item key holding an input made for items that have none (LaMP-7)
 
 

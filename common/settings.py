@@ -43,6 +43,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     # --- data: which users, and how they are dealt out to clients
     _S("task", "", "expected LaMP task ('' = the data's; synthetic data: LaMP_2M)", "data"),
     _S("data", "", "LaMP split folder ('' = FedHydra's deterministic synthetic users)", "data", path="in"),
+    _S("data-name", "", "the data set's name in results, as written ('' = from a SOURCES.md/README.md heading "
+       "'<name> as ...' beside the data or one folder up: '<name>, LaMP-N format'; else the task's name)", "data",
+       tags=RUN_FREE),
     _S("clients", 6, "train clients (federated runs)", "data"),
     _S("test-clients", 6, "clients of unseen users, evaluated after training (federated runs)", "data"),
     _S("users-per-client", 1, "users each client holds", "data"),
@@ -103,6 +106,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
        "llm", tags=RUN_FREE),
     _S("llm-tpm", 0.0, "openai: cap on tokens per minute of this process, prompt + completion (0 = none)", "llm",
        tags=RUN_FREE),
+    _S("llm-context-window", 2048, "tokens (prompt + answer) the --llm openai model takes; prompts are cut to fit "
+       "(common/fit.py; the embedded LLM uses its own n_ctx)", "llm"),
     _S("cache-dir", "", "LLM response cache folder ('' = $FEDHYDRA_CACHE_DIR or ~/.cache/fedhydra); in simulations "
        "every client reads through it, as through a provider that answers identical prompts once", "llm",
        path="out", tags=RUN_FREE),

@@ -281,7 +281,7 @@ def run(grid: Grid, values: dict) -> dict:
         _log(f"dp=user: noise multiplier {dp.noise_multiplier:.4g} ({dp.source}), clip {dp.clip}, delta {dp.delta}, "
              f"max epsilon {dp.max_epsilon}; spent so far {dp.epsilon:.4f} in {dp.releases} releases")
     private = values["dp"] != "off" or values["secagg"]
-    doc = {"task": task_name, "settings": values, "config": cfg.as_dict(),
+    doc = {"task": task_name, "data set": values.get("data-name") or task_name, "settings": values, "config": cfg.as_dict(),
            "nodes": {"train": len(train_nodes), "test": len(test_nodes)}, "rounds": history, "status": "running"}
 
     def finish(status: str, stopped: str = "") -> dict:

@@ -1,20 +1,29 @@
 """Run methods over the same users and LLM, measure each (metrics, LLM usage, wall time), and compare
 them with the best prompt baseline: the ratio and its 95% paired bootstrap interval over users.
 
-Reference methods on the same users (no training, no extra LLM call):
+Reference methods on the same users (no training, no extra LLM call), the rules a skeptic would ask for:
 - copy-input (generation): the query's content itself as the answer, an honest trivial baseline;
-- mbr, closest: training-free picks among the candidates hydra saw (selection.py);
+- first-words (generation): the first N words of the query's content, N the median length in words of the
+  titles the training users wrote (profile and held-out query), rounded;
+- majority-label (rating, classification): the label most frequent among the training users' held-out
+  queries (ties: the label listed first), the same answer for everyone;
+- user-mean, user-mode (rating): each user's own profile ratings, their mean rounded half up, and their most
+  frequent rating (ties: the one nearest their mean, then the higher): training-free *per-user* rules;
+- mbr, closest: training-free picks among the candidates hydra saw (selection.py; for a rating mbr is the
+  majority vote of the LLM's answers);
 - oracle: the best of those candidates by the gold, a diagnostic upper bound, never a method.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 
-from fedhydra.common import selection
+from fedhydra.common import fit, selection
 from fedhydra.common.baselines import Baseline
 from fedhydra.common.llm.base import LLM
 from fedhydra.common.metrics import evaluate, rating_value, rouge_pair, is_correct
@@ -27,7 +36,10 @@ from .results import MethodResult
 
 AnswersFn = Callable[[list[User]], list[Answer]]  # every user's answer, in order
 PROMPT_BASELINES = ("zero-shot", "rag-")
-REFERENCES = ("copy-input", "mbr", "closest", "oracle")
+REFERENCES = ("copy-input", "first-words", "majority-label", "user-mean", "user-mode", "mbr", "closest", "oracle")
+CANDIDATE_RULES = ("mbr", "closest", "oracle")  # pick among hydra's candidates: need hydra or hydra-adapter
+REFERENCE_KINDS = {"copy-input": ("generation",), "first-words": ("generation",),
+                   "majority-label": ("rating", "classification"), "user-mean": ("rating",), "user-mode": ("rating",)}
 BOOTSTRAP = 2000
 
 
@@ -38,7 +50,7 @@ def run_method(name: str, task: Task, users: list[User], answers: AnswersFn, llm
     missing = [u.id for u in users if u.gold is None]
     if missing:
         raise ValueError(f"{name}: users without a gold answer cannot be evaluated: {missing[:5]}")
-    before, t0 = llm.stats.copy(), time.perf_counter()
+    before, t0, fitted = llm.stats.copy(), time.perf_counter(), fit.fit_stats(llm).copy()
     got = answers(users)
     if len(got) != len(users):
         raise RuntimeError(f"{name}: {len(got)} answers for {len(users)} users")
@@ -48,6 +60,7 @@ def run_method(name: str, task: Task, users: list[User], answers: AnswersFn, llm
         print(f"{name}: {len(users)}/{len(users)} users", flush=True)
     used = llm.stats.minus(before)
     result = score_rows(name, task, rows, used.calls, used.tokens, used.cache_hits, time.perf_counter() - t0)
+    result.extra["prompts"] = fit.fit_stats(llm).minus(fitted).as_dict()  # how many were cut to fit, by how much
     return result, rows
 
 
@@ -76,30 +89,91 @@ def llm_candidates(rows: list[dict]) -> dict[str, list[str]]:
     return {r["id"]: r["candidates"][:r.get("sampled") or None] for r in rows}
 
 
-def run_references(done, task: Task, users: list[User], methods: list[str]) -> None:
+def check_references(task: Task, methods: list[str]) -> None:
+    """Refuse a reference that has no meaning for the task's kind, before anything runs."""
+    for m in methods:
+        kinds = REFERENCE_KINDS.get(m)
+        if kinds and task.kind not in kinds:
+            raise ValueError(f"{m} is a reference for {' and '.join(kinds)} tasks; {task.name} is {task.kind}")
+
+
+def run_references(done, task: Task, users: list[User], methods: list[str], train_users: list[User] = ()) -> None:
     """The reference methods into `done` (results.Outcomes); mbr/closest/oracle need the candidates of a finished
-    hydra or hydra-adapter, copy-input needs nothing."""
+    hydra or hydra-adapter, first-words and majority-label the training users, the others nothing."""
     rows = done.predictions.get("hydra") or done.predictions.get("hydra-adapter")
-    needy = [m for m in methods if m != "copy-input"]
+    needy = [m for m in methods if m in CANDIDATE_RULES]
     if rows is None and needy:
         done.fail(needy, "needs the candidates of hydra or hydra-adapter, which did not run or failed")
         methods = [m for m in methods if m not in needy]
     if methods:
-        done.attempt(methods, lambda: references(task, users, methods, llm_candidates(rows or [])))
+        done.attempt(methods, lambda: references(task, users, methods, llm_candidates(rows or []), train_users))
 
 
-def references(task: Task, users: list[User], methods: list[str], candidates_of: dict[str, list[str]]):
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def user_ratings(task: Task, user: User) -> list[int]:
+    """The ratings of the user's profile items (items without a readable rating are left out)."""
+    values = [rating_value(task.item_answer(i)) for i in user.profile]
+    return [int(v) for v in values if v is not None]
+
+
+def user_mean(task: Task, user: User) -> str:
+    """The user's mean profile rating, rounded half up; ValueError when the profile has no rating."""
+    ratings = user_ratings(task, user)
+    if not ratings:
+        raise ValueError(f"user-mean: user {user.id} has no rated profile item")
+    return str(_round_half_up(sum(ratings) / len(ratings)))
+
+
+def user_mode(task: Task, user: User) -> str:
+    """The user's most frequent profile rating; ties go to the one nearest their mean, then to the higher."""
+    ratings = user_ratings(task, user)
+    if not ratings:
+        raise ValueError(f"user-mode: user {user.id} has no rated profile item")
+    mean, counts = sum(ratings) / len(ratings), Counter(ratings)
+    return str(max(counts, key=lambda r: (counts[r], -abs(r - mean), r)))
+
+
+def majority_label(task: Task, train_users: list[User]) -> str:
+    """The label most frequent among the training users' held-out queries (ties: the label listed first)."""
+    golds = [u.gold for u in train_users if u.gold is not None]
+    if not golds:
+        raise ValueError("majority-label needs training users with gold answers (--train-users >= 1)")
+    counts = Counter(label for g in golds for label in task.labels if is_correct(task, label, g))
+    return max(task.labels, key=lambda label: (counts[label], -task.labels.index(label)))
+
+
+def title_words(task: Task, train_users: list[User]) -> int:
+    """The median length in words (rounded half up, at least 1) of every title the training users wrote."""
+    titles = [task.item_answer(i) for u in train_users for i in u.profile] + \
+        [u.gold for u in train_users if u.gold is not None]
+    if not titles:
+        raise ValueError("first-words needs training users with titles (--train-users >= 1)")
+    return max(1, _round_half_up(float(np.median([len(t.split()) for t in titles]))))
+
+
+def references(task: Task, users: list[User], methods: list[str], candidates_of: dict[str, list[str]],
+               train_users: list[User] = ()):
     """The reference methods in `methods`; mbr/closest/oracle pick among `candidates_of[user id]`."""
+    check_references(task, methods)
     results, predictions = [], {}
     by_id = {u.id: u for u in users}
     for name in methods:
         rows = []
+        shared = {"majority-label": lambda: majority_label(task, list(train_users)),
+                  "first-words": lambda: title_words(task, list(train_users))}.get(name, lambda: None)()
         for u in users:
             query, cands = task.content(u.input), candidates_of.get(u.id) or []
             if name == "copy-input":
-                if task.kind != "generation":
-                    raise ValueError("copy-input is a reference for generation tasks only")
                 text = query
+            elif name == "first-words":
+                text = " ".join(query.split()[:shared])
+            elif name == "majority-label":
+                text = shared
+            elif name in ("user-mean", "user-mode"):
+                text = (user_mean if name == "user-mean" else user_mode)(task, u)
             elif not cands:
                 raise ValueError(f"{name} picks among hydra's candidates: run it with hydra or hydra-adapter")
             elif name == "oracle":
@@ -108,6 +182,8 @@ def references(task: Task, users: list[User], methods: list[str], candidates_of:
                 text = cands[getattr(selection, name)(task, query, cands)]
             rows.append({"id": u.id, "prediction": text, "gold": u.gold, "candidates": cands})
         results.append(score_rows(name, task, rows))
+        if shared is not None:
+            results[-1].extra["rule"] = {"majority-label": "label", "first-words": "words"}[name] + f" {shared}"
         predictions[name] = rows
     return results, predictions
 

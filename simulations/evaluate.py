@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from fedhydra.common.config import HydraConfig
-from fedhydra.common.data import load_split, split_users
+from fedhydra.common.data import dataset_name, load_split, split_users
+from fedhydra.common.fit import fit_stats
 from fedhydra.common.hydra import HydraModels, fit, resolve_margin, train
 from fedhydra.common.llm import llm_from_settings
 from fedhydra.common.llm.base import LLM
@@ -25,7 +26,8 @@ from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever
 from fedhydra.common.tasks import Task
 
-from .compare import PROMPT_BASELINES, REFERENCES, ratios, run_baselines, run_references, run_method
+from .compare import (CANDIDATE_RULES, PROMPT_BASELINES, REFERENCES, check_references, ratios, run_baselines,
+                      run_method, run_references)
 from .results import Outcomes, markdown_table, write_results
 
 
@@ -39,7 +41,7 @@ def check_methods(methods: list[str], extra: tuple[str, ...] = ()) -> None:
 def run_hydra(task: Task, llm: LLM, train_users: list[User], test_users: list[User], methods: list[str],
               cfg: HydraConfig, say=print):
     """Train on `train_users`, fit on `test_users`, answer with each HYDRA variant in `methods`."""
-    before, t0 = llm.stats.copy(), time.perf_counter()
+    before, t0, fitted = llm.stats.copy(), time.perf_counter(), fit_stats(llm).copy()
     models = HydraModels.new(cfg)
     report = {"train": train(task, llm, train_users, cfg, models, say)}
     margin = resolve_margin(cfg, report["train"].get("calibration", {}).get("margin"))
@@ -48,7 +50,7 @@ def run_hydra(task: Task, llm: LLM, train_users: list[User], test_users: list[Us
     report["fit"] = fit(task, llm, test_users, cfg, models, say)
     used = llm.stats.minus(before)
     report |= {"llm_calls": used.calls, "tokens": used.tokens, "cache_hits": used.cache_hits,
-               "wall_s": round(time.perf_counter() - t0, 2)}
+               "wall_s": round(time.perf_counter() - t0, 2), "prompts": fit_stats(llm).minus(fitted).as_dict()}
     pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
     results, predictions = [], {}
     for name in methods:
@@ -58,7 +60,7 @@ def run_hydra(task: Task, llm: LLM, train_users: list[User], test_users: list[Us
     return results, predictions, report, models
 
 
-def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], list[User], str]:
+def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], list[User], str, str]:
     if args.train_data or args.test_data:
         if not (args.train_data and args.test_data):
             raise ValueError("give --data DIR, or both --train-data DIR and --test-data DIR")
@@ -71,27 +73,42 @@ def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], li
         train_users, _ = split_users(tr.users, values["train-users"], 0, values["seed"])
         _, test_users = split_users(te.users, 0, values["test-users"], values["seed"])
         source = f"train {args.train_data}, test {args.test_data}"
+        name = dataset_name(args.test_data, task, values.get("data-name", ""))
     elif values["data"]:
         split = load_split(values["data"])
         task, source = split.task, values["data"]
         train_users, test_users = split_users(split.users, values["train-users"], values["test-users"], values["seed"])
+        name = dataset_name(values["data"], task, values.get("data-name", ""))
     else:
         raise ValueError("give --data DIR (a LaMP split), or --train-data and --test-data")
     if values["task"] and values["task"] != task.name:
         raise ValueError(f"--task {values['task']} but the data is {task.name}")
-    return task, train_users, test_users, source
+    return task, train_users, test_users, source, name
+
+
+DEFAULT_REFERENCES = {"generation": "copy-input,first-words,mbr,closest,oracle",
+                      "rating": "majority-label,user-mean,user-mode,mbr,oracle",
+                      "classification": "majority-label,mbr,oracle"}
+
+
+def default_methods(task: Task) -> str:
+    """`--methods default`: the prompt baselines, the references of the task's kind, the hydra variants."""
+    return f"zero-shot,rag-4,{DEFAULT_REFERENCES[task.kind]},hydra-reranker,hydra-adapter,hydra"
 
 
 def evaluation_plan(args: argparse.Namespace, values: dict) -> dict:
     """What `fedhydra evaluate` will run, decided (and checked) before anything starts. Every flag lands here."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    task, train_users, test_users, source, name = _users(args, values)
+    listed = default_methods(task) if args.methods.strip() == "default" else args.methods
+    methods = [m.strip() for m in listed.split(",") if m.strip()]
     check_methods(methods)
     refs, hydra = [m for m in methods if m in REFERENCES], [m for m in methods if m in MODES]
-    if [m for m in refs if m != "copy-input"] and not ({"hydra", "hydra-adapter"} & set(hydra)):
+    if [m for m in refs if m in CANDIDATE_RULES] and not ({"hydra", "hydra-adapter"} & set(hydra)):
         raise ValueError("mbr, closest and oracle pick among hydra's candidates: add hydra or hydra-adapter")
-    task, train_users, test_users, source = _users(args, values)
+    check_references(task, refs)
     return {"methods": methods, "out": Path(args.out), "values": values, "config": HydraConfig.from_settings(values),
             "task": task, "train_users": train_users, "test_users": test_users, "source": source,
+            "data_name": name,
             "train_data": args.train_data, "test_data": args.test_data}
 
 
@@ -105,14 +122,14 @@ def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
     refs, hydra, source = [m for m in methods if m in REFERENCES], [m for m in methods if m in MODES], plan["source"]
     llm = llm_from_settings(values)
     out = plan["out"]
-    print(f"{task.name}: {len(train_users)} train users, {len(test_users)} test users, LLM {llm.name}, "
+    print(f"{plan['data_name']}: {len(train_users)} train users, {len(test_users)} test users, LLM {llm.name}, "
           f"preset {cfg.preset}", flush=True)
 
     done = Outcomes(out)
     for name in (m for m in methods if m not in MODES and m not in REFERENCES):
         done.attempt([name], lambda name=name: run_baselines(task, test_users, [name], llm, seed=cfg.seed,
                                                               style=cfg.style_or_none))
-    info = {"data": source, "train users": len(train_users), "test users": len(test_users), "seed": cfg.seed,
+    info = {"data set": plan["data_name"], "task format": f"{task.name} ({task.title})", "data": source, "train users": len(train_users), "test users": len(test_users), "seed": cfg.seed,
             "llm": llm.name, "prompt style": cfg.style or default_style(task), "preset": cfg.preset,
             "candidates": f"greedy + {cfg.candidates} at temperature {cfg.temperature}",
             "adapter labels": cfg.adapter_labels,
@@ -124,9 +141,12 @@ def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
             extra["hydra training"] = report
             info["adapter margin"] = "off" if report["margin"] is None else report["margin"]
             info["hydra train+fit s"] = report["wall_s"]
+            cut = report["prompts"]
+            info["hydra train+fit prompts cut to fit"] = f"{cut['cut']} of {cut['prompts']}" + (
+                f" (mean {cut['mean_removed']:g} tokens removed)" if cut["cut"] else "")
             return r, p
         done.attempt(hydra, _hydra)
-    run_references(done, task, test_users, refs)
+    run_references(done, task, test_users, refs, train_users)
     info["wall s"] = round(time.perf_counter() - t0, 1)
     info["peak RSS MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     order = {m: i for i, m in enumerate(methods)}

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from fedhydra.common import settings
+from fedhydra.common.data import dataset_name
 from fedhydra.common.files import write_atomic
 from fedhydra.common.llm import default_cache_dir, llm_from_settings
 from fedhydra.common.partition import federated_split, load_users
@@ -58,6 +59,7 @@ def sweep_plan(args: argparse.Namespace, values: dict) -> dict:
     out = Path(args.out).expanduser().resolve()
     values = values | {"cache-dir": str(default_cache_dir(values["cache-dir"] or None).resolve())}
     split = load_users(values)
+    values = values | {"data-name": dataset_name(values["data"], split.task, values["data-name"])}
     test_users = [u for role, users in federated_split(split, values) if role == "test" for u in users]
     if not test_users:
         raise ValueError("--test-clients must be at least 1: the metric is measured on the test clients' users")
@@ -92,7 +94,8 @@ def sweep_command(args: argparse.Namespace, values: dict) -> Path:
                      metric: ev["metrics"][metric] if ev else None, "epsilon_spent": spent, "item_epsilon": item,
                      "users": ev["users"] if ev else 0})
     reference = next((r[metric] for r in rows if r["mode"] == "off"), None)
-    doc = {"task": task.name, "metric": metric, "mode": args.mode, "rows": rows,
+    doc = {"task": task.name, "data set": values["data-name"],
+           "metric": metric, "mode": args.mode, "rows": rows,
            "references": {"hydra-fed (no DP)": reference, rag_name: rag.metrics[metric]}, "settings": values}
     write_atomic(out / "sweep.json", json.dumps(doc, indent=1) + "\n")
     md = sweep_table(doc)
@@ -104,7 +107,7 @@ def sweep_command(args: argparse.Namespace, values: dict) -> Path:
 
 def sweep_table(doc: dict) -> str:
     metric = doc["metric"]
-    lines = [f"# Privacy sweep: {doc['task']}, {metric} of hydra-fed against epsilon ({doc['mode']}-level DP)", "",
+    lines = [f"# Privacy sweep: {doc.get('data set') or doc['task']}, {metric} of hydra-fed against epsilon ({doc['mode']}-level DP)", "",
              f"| epsilon asked | DP | {metric} | epsilon spent | epsilon per item | status |", "|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in doc["rows"]:

@@ -90,6 +90,20 @@ def markdown_table(task: Task, results: list[MethodResult], ratios: dict[str, di
     return "\n".join(rows)
 
 
+def cut_note(results: list[MethodResult]) -> str:
+    """One sentence on the prompts cut to fit the LLM's context window (common/fit.py), per method that built any."""
+    parts = []
+    for r in results:
+        p = r.extra.get("prompts")
+        if p and p.get("prompts"):
+            parts.append(f"{r.method} {p['cut']} of {p['prompts']}" + (
+                f" (mean {p['mean_removed']:g} tokens removed, at most {p['most_removed']})" if p["cut"] else ""))
+    if not parts:
+        return ""
+    return ("\n\nPrompts cut to fit the context window (LaMP's truncation by token count, common/fit.py): "
+            + "; ".join(parts) + ".")
+
+
 def write_results(out: Path, task: Task, results: list[MethodResult], run_info: dict,
                   predictions: dict[str, list[dict]] | None = None, extra: dict | None = None,
                   ratios: dict[str, dict] | None = None, appendix: str = "") -> Path:
@@ -108,12 +122,18 @@ def write_results(out: Path, task: Task, results: list[MethodResult], run_info: 
     note = ""
     if ratios:
         base = next(iter(ratios.values()))["baseline"]
-        note = (f"\n\nRatio: each method's {task.metrics[0]} over the best prompt baseline's ({base}) on the same "
-                f"users{' (inverted: lower MAE is better)' if not task.higher_is_better else ''}, with a 95% paired "
-                "bootstrap interval over users.")
+        how = (f"each method's {task.metrics[0]} over the best prompt baseline's ({base})" if task.higher_is_better
+               else f"the best prompt baseline's ({base}) {task.metrics[0]} over each method's, so that above 1 means "
+                    f"a lower error, as for every ratio here (per user: |error|, the rating metric's convention)")
+        note = (f"\n\nRatio: {how}, on the same users, with a 95% paired bootstrap interval over users.")
+    note += cut_note(results)
+    rules = [f"{r.method}: {r.extra['rule']}" for r in results if r.extra.get("rule")]
+    if rules:
+        note += "\n\nWhat the training-free rules learned from the training users: " + "; ".join(rules) + "."
     if failed:
         note += "\n\nFailed (no result): " + "; ".join(f"{name}: {line}" for name, line in failed.items())
-    md = f"# {task.name} ({task.title})\n\n{info}\n\n{markdown_table(task, results, ratios)}{note}\n"
+    title = run_info.get("data set") or f"{task.name} ({task.title})"
+    md = f"# {title}\n\n{info}\n\n{markdown_table(task, results, ratios)}{note}\n"
     if appendix:
         md += "\n" + appendix.rstrip("\n") + "\n"
     write_atomic(out / "results.md", md)

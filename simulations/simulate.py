@@ -8,7 +8,8 @@ beside the methods it must beat, on the same unseen test users.
                      the chosen Flower strategy, test clients fit their heads locally and report only
                      metric statistics;
 - hydra-local:       each test client alone: base and heads trained on its own users' history only;
-- copy-input, mbr, closest, oracle: references on the same users (simulations/compare.py).
+- copy-input, first-words, majority-label, user-mean, user-mode, mbr, closest, oracle: references on the same
+  users (simulations/compare.py).
 Train users and test users are disjoint; each simulated client makes its own private state folder under
 OUT/clients from its partition. The LLM answers land in one response cache (cache-dir) that stands for
 the LLM provider, read through by every client's own cache, so identical prompts are answered once.
@@ -28,6 +29,7 @@ from pathlib import Path
 from fedhydra.client.state import ClientState, check_origin, partition_origin
 from fedhydra.common import settings
 from fedhydra.common.config import HydraConfig
+from fedhydra.common.data import dataset_name
 from fedhydra.common.llm import default_cache_dir, llm_from_settings
 from fedhydra.common.partition import federated_split, load_users
 from fedhydra.common.pipeline import MODES
@@ -37,7 +39,8 @@ from fedhydra.common.tasks import Task
 from fedhydra.server.privacy_statement import markdown_lines
 
 from .app_folder import CLIENTAPP, write_app
-from .compare import PROMPT_BASELINES, REFERENCES, ratios, run_baselines, run_method, run_references
+from .compare import (PROMPT_BASELINES, REFERENCES, check_references, ratios, run_baselines, run_method,
+                      run_references)
 from .deployment import Deployment
 from .results import MethodResult, Outcomes, markdown_table, write_results
 
@@ -159,7 +162,8 @@ def simulation_plan(args: argparse.Namespace, values: dict) -> dict:
     if not test_groups:
         raise ValueError("--test-clients must be at least 1: the methods are compared on the test clients' users")
     values = values | {"cache-dir": str(default_cache_dir(values["cache-dir"] or None).resolve()),
-                       "task": split.task.name}
+                       "task": split.task.name, "data-name": dataset_name(values["data"], split.task, values["data-name"])}
+    check_references(split.task, [m for m in methods if m in REFERENCES])
     cfg = HydraConfig.from_settings(values)
     given = tuple(settings.from_args(args))
     fed, options = federated_plan(values, out, args.parallel, given)
@@ -208,7 +212,7 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
             return [r], {"hydra-local": rows}
         done.attempt(["hydra-local"], _local)
     refs = [m for m in methods if m in REFERENCES]
-    run_references(done, task, test_users, refs)
+    run_references(done, task, test_users, refs, plan["train_users"])
     if "hydra-fed" in methods:
         print("federated run (Flower's simulation runtime, flwr run):", flush=True)
         t1 = time.perf_counter()
@@ -229,7 +233,8 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
     results, predictions = done.results, done.predictions
     order = {m: i for i, m in enumerate(methods)}
     results.sort(key=lambda r: order.get(r.method, len(order)))
-    info = {"data": values["data"] or "synthetic", "clients": f"{values['clients']} train + {values['test-clients']} "
+    info = {"data set": values["data-name"],
+            "data": values["data"] or "synthetic", "clients": f"{values['clients']} train + {values['test-clients']} "
             f"test, {values['users-per-client']} user(s) each, partitioner {values['partitioner']}",
             "strategy": values["strategy"], "rounds per module": values["rounds"], "epochs per round": cfg.epochs,
             "seed": cfg.seed, "llm": llm.name, "prompt style": cfg.style or default_style(task), "preset": cfg.preset,

@@ -78,6 +78,7 @@ class EmbeddedLLM:
                                 verbose=False)
         except ValueError as exc:  # llama-cpp-python reports an unreadable model as ValueError
             raise LLMError(f"{self.name}: could not load {path}: {exc}") from exc
+        self._formatter = None  # the chat template, made on first prompt_tokens()
         self._prefilled: list[int] | None = None  # prompt tokens (all but the last) now in the KV cache
         self._generate = self._llama.generate
         self._llama.generate = self._generate_reproducibly  # instance attribute shadows the method
@@ -99,6 +100,38 @@ class EmbeddedLLM:
                 self._llama.eval(head)
             self._prefilled = head
         return self._generate(tokens, *args, **kwargs)
+
+    # --- token counts, for fitting prompts into the context window (common/fit.py)
+
+    @property
+    def context_window(self) -> int:
+        """Tokens the model sees at once: prompt and answer together (llama.cpp's n_ctx)."""
+        return self.n_ctx
+
+    def token_ids(self, text: str) -> list[int]:
+        """The model's tokens of plain text (no BOS; special-token strings count as text)."""
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def text_of(self, ids: list[int]) -> str:
+        """The text of tokens; a multi-byte character cut by a token boundary is dropped."""
+        return self._llama.detokenize(list(ids)).decode("utf-8", errors="ignore")
+
+    def prompt_tokens(self, messages: list[Message]) -> int:
+        """The prompt's exact length: the messages rendered by the GGUF's chat template and tokenized as
+        create_chat_completion does (llama_chat_format.chat_formatter_to_chat_completion_handler)."""
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            template = self._llama.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise LLMError(f"{self.name}: the GGUF has no chat template, so its prompts cannot be counted")
+            vocab = self._llama._model
+            eos, bos = vocab.token_eos(), vocab.token_bos()
+            self._formatter = Jinja2ChatFormatter(template, eos_token=vocab.token_get_text(eos) if eos != -1 else "",
+                                                  bos_token=vocab.token_get_text(bos) if bos != -1 else "")
+        rendered = self._formatter(messages=messages)
+        return len(self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special,
+                                        special=True))
 
     def complete(
         self, messages: list[Message], n: int = 1, temperature: float = 0.0, max_tokens: int = 64, seed: int = 0

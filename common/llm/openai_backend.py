@@ -81,7 +81,7 @@ class OpenAIChat:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60,
                  max_retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0,
                  max_retry_after: float = 60.0, concurrency: int = OPENAI_CONCURRENCY, rpm: float = 0,
-                 tpm: float = 0):
+                 tpm: float = 0, context_window: int = 2048):
         if not base_url or urlparse(base_url).scheme not in ("http", "https"):
             raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8765/v1, got {base_url!r}")
         if not model:
@@ -107,6 +107,9 @@ class OpenAIChat:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_retry_after = max_retry_after
+        if context_window < 256:
+            raise ValueError(f"context_window must be >= 256 tokens, got {context_window}")
+        self.context_window = int(context_window)  # prompt + answer tokens the model takes (common/fit.py)
         self.name = f"openai:{self.base_url}:{model}"
         self.stats = LLMStats()
         self.pool = shared_pool(self.name, concurrency, rpm=rpm, tpm=tpm)
