@@ -202,11 +202,24 @@ def train_round(grid: Grid, values: dict, strategy, server_round: int, module: s
     return ({} if new is None else {k: a.numpy() for k, a in new.items()}), doc
 
 
-def install(grid: Grid, values: dict, nodes: list[int], arrays: dict[str, np.ndarray], module: str) -> int:
-    """Send a module's final arrays to `nodes` to keep (the reranker, before the adapter rounds)."""
+def install(grid: Grid, values: dict, nodes: list[int], arrays: dict[str, np.ndarray], module: str) -> set[int]:
+    """Send a module's final arrays to `nodes` to keep (the reranker, before the adapter rounds); the nodes that
+    acknowledged."""
     ok = _send(grid, [p.install_request(n, module, arrays) for n in nodes], values, f"install {module}")
     _log(f"final {module} installed on {len(ok)} of {len(nodes)} train clients")
-    return len(ok)
+    return {r.metadata.src_node_id for r in ok}
+
+
+def install_listed(grid: Grid, values: dict, nodes: list[int], reranker: dict[str, np.ndarray]) -> set[int]:
+    """Install the final reranker on `nodes`, retrying those that failed while the SuperLink still lists them (a
+    restarted device reconnecting under its id) for up to node-wait seconds; the nodes that hold it."""
+    done, deadline = set(), time.monotonic() + float(values["node-wait"])
+    while True:
+        done |= install(grid, values, [n for n in nodes if n not in done], reranker, p.RERANKER)
+        listed = set(grid.get_node_ids())
+        if not [n for n in nodes if n not in done and n in listed] or time.monotonic() > deadline:
+            return done
+        time.sleep(5.0)
 
 
 def calibrate(grid: Grid, values: dict, nodes: list[int], adapter: dict[str, np.ndarray]) -> dict:
@@ -299,17 +312,17 @@ def run(grid: Grid, values: dict) -> dict:
         if state and start >= first:  # resuming inside this module's rounds
             load_state_arrays(strategy, state)
         reranker_digest = digest(p.of_module(shared, p.RERANKER)) if module == p.ADAPTER else ""
-        if module == p.ADAPTER:  # its labels come from prompts built with the final reranker
-            install(grid, values, train_nodes, p.of_module(shared, p.RERANKER), p.RERANKER)
+        installed: set[int] = set()  # train nodes that hold the final reranker (the adapter's labels need it)
         for server_round in range(max(start + 1, first), last + 1):
             # A real fleet: a device that dropped may come back, a new one may join. Each round waits (up to
             # node-wait) for min-nodes, then takes in the nodes that connected since, from this round on.
             wait_for_nodes(grid, values, roles, must=False)
             room = None if not dp else max(0, dp.population - len(train_nodes))
-            joined = late_joiners(grid, values, roles, task_name, room)
-            if joined and module == p.ADAPTER:  # the adapter's labels are made with the final reranker
-                install(grid, values, joined, p.of_module(shared, p.RERANKER), p.RERANKER)
-            train_nodes += joined
+            train_nodes += late_joiners(grid, values, roles, task_name, room)
+            if module == p.ADAPTER and (missing := [n for n in train_nodes if n not in installed]):
+                # its labels come from prompts built with the final reranker: sent before the first adapter round,
+                # and again to a node that missed it (down then, back now) or joined since
+                installed |= install_listed(grid, values, missing, p.of_module(shared, p.RERANKER))
             try:
                 arrays, record = train_round(grid, values, strategy, server_round, module, train_nodes,
                                              p.of_module(shared, module), reranker_digest, dp)
