@@ -116,6 +116,9 @@ def train(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hyd
         model = getattr(models, which)
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which,
                                cfg.include_train_queries, say)
+        if not [e for e in examples if not getattr(e, "held_out", False)]:  # e.g. short titles: all ROUGE 0
+            raise ValueError(f"{which} labels: no query of the {len(users)} training users ranks its candidates "
+                             "(every one graded alike, or none made); use more users, pseudo-queries or candidates")
         report[which] = training.train_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg))
         if which == ADAPTER and cfg.margin == MARGIN_AUTO:
             report["calibration"] = selection.pick_margin(calibration_sums(task, models.adapter, examples))
