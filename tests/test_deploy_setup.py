@@ -91,11 +91,11 @@ def test_front_forwards_only_fleet_routes():
 def test_server_certificate_names_every_public_host(tmp_path):
     from fedhydra.simulations.certs import san_hosts
 
-    first = ensure_server_certs(tmp_path, hosts=("127.0.0.1", "localhost", "10.1.2.3"))
+    first = ensure_server_certs(tmp_path, hosts=("127.0.0.1", "localhost", "192.0.2.3"))
     ca = first.ca_cert.read_bytes()
-    assert set(san_hosts(first.server_cert)) == {"127.0.0.1", "localhost", "10.1.2.3"}
+    assert set(san_hosts(first.server_cert)) == {"127.0.0.1", "localhost", "192.0.2.3"}
     # A new public host: a new server certificate from the same CA (devices keep their ca.crt).
-    again = ensure_server_certs(tmp_path, hosts=("127.0.0.1", "localhost", "10.1.2.3", "fl.example.org"))
+    again = ensure_server_certs(tmp_path, hosts=("127.0.0.1", "localhost", "192.0.2.3", "fl.example.org"))
     assert "fl.example.org" in san_hosts(again.server_cert) and again.ca_cert.read_bytes() == ca
     ca_cert = x509.load_pem_x509_certificate(ca)
     x509.load_pem_x509_certificate(again.server_cert.read_bytes()).verify_directly_issued_by(ca_cert)
@@ -120,7 +120,7 @@ def test_a_device_sets_its_threads_and_llm_endpoint_in_its_node_config(tmp_path)
     from fedhydra.simulations.node_cmd import node_config
 
     args = build_parser().parse_args(
-        ["node", "start", "--superlink", "10.0.0.1:9092", "--ca", "ca.crt", "--key", "key", "--state", str(tmp_path),
+        ["node", "start", "--superlink", "127.0.0.1:9092", "--ca", "ca.crt", "--key", "key", "--state", str(tmp_path),
          "--threads", "3", "--llm", "openai", "--llm-base-url", "http://127.0.0.1:8765/v1", "--llm-model", "m",
          "--node-config", "llm-threads=2"])
     config = node_config(args)
