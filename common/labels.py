@@ -164,7 +164,7 @@ def adapter_labels(task: Task, user: User, prepared: list[AdapterPrompt], candid
         if cfg.adapter_labels == "graded":  # the candidates the pipeline scores: the LLM's, then the unnamed labels
             texts = selection.with_labels(task, candidates)
             held_out = pq.item_id is None and cfg.margin == MARGIN_AUTO
-            history = [task.item_answer(i) for i in retrieved[:cfg.k]]  # pipeline.history_answers, as retrieved
+            history = [task.item_answer(i) for i in retrieved[:cfg.k]] if cfg.adapter_history else []  # as pipeline
             out.append(CandidateGroup(user.id, pq.content, texts, selection.grades(task, texts, pq.target),
                                       selection.candidate_features(task, pq.content, texts, len(candidates), history),
                                       held_out, src))
@@ -207,7 +207,8 @@ def label_set_examples(task: Task, retriever: Retriever, user: User, cfg: HydraC
         if cfg.adapter_labels == "graded":
             near = retriever.top(user, query, cfg.k, exclude_ids=(str(item["id"]),))
             graded = selection.grades(task, labels, target)
-            feats = selection.candidate_features(task, query, labels, 0, [task.item_answer(i) for i in near])
+            history = [task.item_answer(i) for i in near] if cfg.adapter_history else []
+            feats = selection.candidate_features(task, query, labels, 0, history)
             src += [str(i["id"]) for i in near]
             out.append(CandidateGroup(user.id, query, labels, graded, feats, sources=src))
             continue

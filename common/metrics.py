@@ -158,6 +158,12 @@ def _rating_pair(prediction: str, gold: str, position: int | None = None) -> tup
     return float(x), float(y)
 
 
+def rating_error(prediction: str, gold: str) -> float:
+    """One answer's absolute error, as LaMP's MAE counts it (a prediction without a number: the farther extreme)."""
+    x, y = _rating_pair(prediction, gold)
+    return abs(x - y)
+
+
 # ---------------------------------------------------------------- generation
 
 

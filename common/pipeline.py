@@ -148,7 +148,8 @@ class HydraPipeline:
         # the graded adapter also weighs the labels the LLM did not name (selection.with_labels)
         candidates = selection.with_labels(self.task, sampled) if self.adapter.extra else sampled
         query = self.task.content(user.input)
-        history = history_answers(self.task, self.retriever, user, query, self.config.k) if self.adapter.extra else []
+        history = (history_answers(self.task, self.retriever, user, query, self.config.k)
+                   if self.adapter.extra and self.config.adapter_history else [])
         scores = adapter_scores(self.adapter, self.task, user.id, query, candidates, len(sampled), history)
         best = selection.pick(scores, self.margin)
         return Answer(text=candidates[best], items=items, candidates=candidates, scores=[float(s) for s in scores],

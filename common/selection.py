@@ -3,7 +3,9 @@ rules it must beat, the graded targets it learns from, and the margin that keeps
 
 Candidates are always the greedy answer first, then the samples (pipeline.sample_candidates).
 - `similarity`: the task metric between two texts (generation: mean of ROUGE-1 and ROUGE-L F;
-  classification/rating: exact match after the metric's postprocessing).
+  classification: exact match after the metric's postprocessing; rating: 1 - |difference| / 4, graded like
+  the MAE, so "4" is nearer "5" than "1" is, agreement is MBR under the MAE and the history feature peaks
+  at the user's typical rating).
 - `candidate_features`: what the adapter sees besides the encoder state, computed without any gold:
   closeness to the query, agreement with the other candidates (the MBR utility), length relative to the
   query, whether it is the greedy answer, and agreement with the user's own history (the answers of the
@@ -25,12 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .metrics import is_correct, label_index, rating_value, rouge_pair
+from .metrics import is_correct, label_index, rating_error, rating_value, rouge_pair
 from .tasks import Task
 
 FEATURES = ("closeness", "agreement", "length", "greedy", "history", "closest", "consensus")
 MARGINS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # in adapter score units (log-odds)
 RULES = ("mbr", "closest")
+RATING_SPAN = 4.0  # the widest error on a 1-5 scale
 
 
 def similarity(task: Task, a: str, b: str) -> float:
@@ -39,16 +42,19 @@ def similarity(task: Task, a: str, b: str) -> float:
         r1, rl = rouge_pair(a, b)
         return (r1 + rl) / 2
     if task.kind == "rating":
-        va = rating_value(a)
-        return float(va is not None and va == rating_value(b))
+        va, vb = rating_value(a), rating_value(b)
+        return 0.0 if va is None or vb is None else max(0.0, 1.0 - abs(va - vb) / RATING_SPAN)
     ia = label_index(task, a)
     return float(ia >= 0 and ia == label_index(task, b))
 
 
 def grades(task: Task, texts: Sequence[str], target: str) -> list[float]:
-    """Each candidate's task metric against the target: the adapter's graded training signal."""
+    """Each candidate's task metric against the target: the adapter's graded training signal (a rating: 1 - its
+    absolute error / 4, so the adapter learns to be near when it cannot be right)."""
     if task.kind == "generation":
         return [similarity(task, t, target) for t in texts]
+    if task.kind == "rating":
+        return [max(0.0, 1.0 - rating_error(t, target) / RATING_SPAN) for t in texts]
     return [float(is_correct(task, t, target)) for t in texts]
 
 
@@ -62,7 +68,7 @@ def with_labels(task: Task, candidates: Sequence[str]) -> list[str]:
     if task.kind == "generation" or not task.labels:
         return list(candidates)
     return list(candidates) + [label for label in task.labels
-                               if not any(similarity(task, c, label) for c in candidates)]
+                               if not any(similarity(task, c, label) >= 1.0 for c in candidates)]
 
 
 def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: int | None = None,

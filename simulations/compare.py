@@ -10,7 +10,7 @@ Reference methods on the same users (no training, no extra LLM call), the rules 
 - user-mean, user-mode (rating): each user's own profile ratings, their mean rounded half up, and their most
   frequent rating (ties: the one nearest their mean, then the higher): training-free *per-user* rules;
 - mbr, closest: training-free picks among the candidates hydra saw (selection.py; for a rating mbr is the
-  majority vote of the LLM's answers);
+  LLM answer nearest the others, i.e. their median: MBR under the MAE);
 - oracle: the best of those candidates by the gold, a diagnostic upper bound, never a method.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 from fedhydra.common import fit, selection
 from fedhydra.common.baselines import Baseline
 from fedhydra.common.llm.base import LLM
-from fedhydra.common.metrics import evaluate, rating_value, rouge_pair, is_correct
+from fedhydra.common.metrics import evaluate, rating_error, rating_value, rouge_pair, is_correct
 from fedhydra.common.pipeline import Answer
 from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever
@@ -194,11 +194,7 @@ def per_user(task: Task, rows: list[dict]) -> np.ndarray:
         return np.array([rouge_pair(r["prediction"], r["gold"])[0] for r in rows])
     if task.kind == "classification":
         return np.array([float(is_correct(task, r["prediction"], r["gold"])) for r in rows])
-    out = []
-    for r in rows:
-        gold, pred = rating_value(r["gold"]), rating_value(r["prediction"])
-        out.append(abs(gold - pred) if pred is not None else max(abs(gold - 1), abs(gold - 5)))
-    return np.array(out, dtype=float)
+    return np.array([rating_error(r["prediction"], r["gold"]) for r in rows], dtype=float)
 
 
 def ratios(task: Task, predictions: dict[str, list[dict]], seed: int = 0) -> dict[str, dict]:

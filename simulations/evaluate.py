@@ -38,25 +38,41 @@ def check_methods(methods: list[str], extra: tuple[str, ...] = ()) -> None:
                              f"{', '.join(REFERENCES)}, {', '.join(MODES)}{''.join(', ' + e for e in extra)}")
 
 
+BASE_ONLY = "hydra-base"  # ablation: the full pipeline before the fit stage, bases and default heads for everyone
+
+
 def run_hydra(task: Task, llm: LLM, train_users: list[User], test_users: list[User], methods: list[str],
               cfg: HydraConfig, say=print):
-    """Train on `train_users`, fit on `test_users`, answer with each HYDRA variant in `methods`."""
+    """Train on `train_users`, fit on `test_users`, answer with each HYDRA variant in `methods` (BASE_ONLY answers
+    between the two stages, so every test user gets the default heads: what the per-user heads add is the
+    difference to `hydra`)."""
     before, t0, fitted = llm.stats.copy(), time.perf_counter(), fit_stats(llm).copy()
     models = HydraModels.new(cfg)
     report = {"train": train(task, llm, train_users, cfg, models, say)}
     margin = resolve_margin(cfg, report["train"].get("calibration", {}).get("margin"))
     report["margin"] = margin
     say(f"adapter margin: {'off (always greedy)' if margin is None else margin}")
-    report["fit"] = fit(task, llm, test_users, cfg, models, say)
-    used = llm.stats.minus(before)
-    report |= {"llm_calls": used.calls, "tokens": used.tokens, "cache_hits": used.cache_hits,
-               "wall_s": round(time.perf_counter() - t0, 2), "prompts": fit_stats(llm).minus(fitted).as_dict()}
     pipe = HydraPipeline(task, llm, Retriever(task), models.reranker, models.adapter, cfg, margin)
     results, predictions = [], {}
-    for name in methods:
-        r, rows = run_method(name, task, test_users, lambda us, mode=MODES[name]: pipe.answer_many(us, mode), llm)
+
+    def answer(name: str) -> None:
+        mode = MODES.get(name, MODES["hydra"])
+        r, rows = run_method(name, task, test_users, lambda us: pipe.answer_many(us, mode), llm)
         results.append(r)
         predictions[name] = rows
+
+    base_cost, base_s = llm.stats.copy(), time.perf_counter()
+    if BASE_ONLY in methods:
+        answer(BASE_ONLY)
+    base_cost, base_s = llm.stats.minus(base_cost), time.perf_counter() - base_s
+    report["fit"] = fit(task, llm, test_users, cfg, models, say)
+    used = llm.stats.minus(before).minus(base_cost)
+    report |= {"llm_calls": used.calls, "tokens": used.tokens, "cache_hits": used.cache_hits,
+               "wall_s": round(time.perf_counter() - t0 - base_s, 2),
+               "prompts": fit_stats(llm).minus(fitted).as_dict()}
+    for name in methods:
+        if name != BASE_ONLY:
+            answer(name)
     return results, predictions, report, models
 
 
@@ -86,6 +102,7 @@ def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], li
     return task, train_users, test_users, source, name
 
 
+HYDRA_METHODS = (*MODES, BASE_ONLY)
 DEFAULT_REFERENCES = {"generation": "copy-input,first-words,mbr,closest,oracle",
                       "rating": "majority-label,user-mean,user-mode,mbr,oracle",
                       "classification": "majority-label,mbr,oracle"}
@@ -101,8 +118,8 @@ def evaluation_plan(args: argparse.Namespace, values: dict) -> dict:
     task, train_users, test_users, source, name = _users(args, values)
     listed = default_methods(task) if args.methods.strip() == "default" else args.methods
     methods = [m.strip() for m in listed.split(",") if m.strip()]
-    check_methods(methods)
-    refs, hydra = [m for m in methods if m in REFERENCES], [m for m in methods if m in MODES]
+    check_methods(methods, (BASE_ONLY,))
+    refs, hydra = [m for m in methods if m in REFERENCES], [m for m in methods if m in HYDRA_METHODS]
     if [m for m in refs if m in CANDIDATE_RULES] and not ({"hydra", "hydra-adapter"} & set(hydra)):
         raise ValueError("mbr, closest and oracle pick among hydra's candidates: add hydra or hydra-adapter")
     check_references(task, refs)
@@ -119,14 +136,14 @@ def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
     plan = evaluation_plan(args, values)
     methods, cfg, task, train_users, test_users = (plan[k] for k in ("methods", "config", "task", "train_users",
                                                                      "test_users"))
-    refs, hydra, source = [m for m in methods if m in REFERENCES], [m for m in methods if m in MODES], plan["source"]
+    refs, hydra, source = [m for m in methods if m in REFERENCES], [m for m in methods if m in HYDRA_METHODS], plan["source"]
     llm = llm_from_settings(values)
     out = plan["out"]
     print(f"{plan['data_name']}: {len(train_users)} train users, {len(test_users)} test users, LLM {llm.name}, "
           f"preset {cfg.preset}", flush=True)
 
     done = Outcomes(out)
-    for name in (m for m in methods if m not in MODES and m not in REFERENCES):
+    for name in (m for m in methods if m not in HYDRA_METHODS and m not in REFERENCES):
         done.attempt([name], lambda name=name: run_baselines(task, test_users, [name], llm, seed=cfg.seed,
                                                               style=cfg.style_or_none))
     info = {"data set": plan["data_name"], "task format": f"{task.name} ({task.title})", "data": source, "train users": len(train_users), "test users": len(test_users), "seed": cfg.seed,

@@ -35,6 +35,19 @@ def test_classification_grades_are_correctness_and_agreement_is_the_same_label()
     assert selection.mbr(MOVIES, "a funny film", cands) == 0
 
 
+def test_rating_grades_agreement_and_history_follow_the_absolute_error():
+    rating = get_task("LaMP_3")
+    # graded like the MAE: one star off is 3/4 right; no number counts as the farther extreme (LaMP)
+    assert selection.grades(rating, ["5", "4 stars", "1", "no idea"], "5") == [1.0, 0.75, 0.0, 0.0]
+    assert selection.grades(rating, ["no idea"], "3") == [0.5]
+    # mbr is MBR under the MAE: the answer nearest the others (their median), not the most frequent one
+    assert selection.mbr(rating, "a review", ["1", "4", "5", "5", "3"]) == 1
+    feats = selection.candidate_features(rating, "a review", ["5", "1"], 2, history=["4", "4"])
+    history = selection.FEATURES.index("history")
+    assert [f[history] for f in feats] == [0.75, 0.25]
+    assert selection.with_labels(rating, ["5", "4."]) == ["5", "4.", "1", "2", "3"]
+
+
 def test_features_describe_each_candidate_without_the_gold():
     feats = selection.candidate_features(LAMP7, QUERY, CANDIDATES)
     assert len(feats) == 4 and all(len(f) == len(selection.FEATURES) for f in feats)
