@@ -38,7 +38,7 @@ from .tasks import Task
 QUERY_SHARE = 0.6  # LaMP: with items shown, the input keeps at most this share of the budget
 BYTES_PER_TOKEN = 2.0  # the openai estimate (module docstring)
 MESSAGE_TOKENS, TEMPLATE_TOKENS = 8, 48
-GENERATION_TOKENS = 64  # answers of generation tasks: a title or a tweet
+GENERATION_TOKENS = 64  # free text that is no task's answer (LaMP-7's neutral rewrites); answers: Task.generation_tokens
 ATTEMPTS = 6
 
 
@@ -141,10 +141,11 @@ def fit_stats(llm) -> FitStats:
 def answer_tokens(task: Task, llm=None) -> int:
     """Max tokens of one answer. A closed label set: the longest label's token count, over the label as written,
     capitalised and title-cased (a rating: 1 token; the metric reads the first digit, so a longer answer could
-    only add words after it; a chat answer starts right after the template's "assistant" line, without a space). Without an exact tokenizer: the estimate's count. Generation:
-    GENERATION_TOKENS."""
+    only add words after it; a chat answer starts right after the template's "assistant" line, without a space).
+    Without an exact tokenizer: the estimate's count. Generation: the task's `generation_tokens` (a tweet 64, a
+    title 32)."""
     if task.kind == "generation" or not task.labels:
-        return GENERATION_TOKENS
+        return task.generation_tokens
     counter = counter_for(llm) if llm is not None else None
     if counter is None or not counter.exact:
         return max(math.ceil(len(lab.encode('utf-8')) / BYTES_PER_TOKEN) for lab in task.labels)

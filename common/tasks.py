@@ -40,6 +40,8 @@ class Task:
     labels: tuple[str, ...] = ()  # closed label set of classification and rating tasks
     rag_item: str = ""  # LaMP's own RAG phrasing of one profile item
     rag_join: str = "{examples}. {input}"  # LaMP's own way of putting the items before the input
+    # generation: the answer's token budget (fit.answer_tokens); a title needs far fewer than a tweet
+    generation_tokens: int = 64
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -137,12 +139,15 @@ TASKS: dict[str, Task] = {
             template="Generate a headline for the following article: {content}",
             marker="article:", text_fields=("text",), label_field="title",
             rag_item='"{title}" is the title for "{text}" ',
+            # Amazon review titles in LaMP-4 format: 99.9% have at most 20 words, the longest 25 (~35 tokens)
+            generation_tokens=32,
         ),
         Task(
             name="LaMP_5", title="personalized scholarly title generation", kind="generation",
             template="Generate a title for the following abstract of a paper: {content}",
             marker="paper:", text_fields=("abstract",), label_field="title",
             rag_item='"{title}" is the title for "{abstract}" ',
+            generation_tokens=32,
         ),
         Task(
             name="LaMP_7", title="personalized tweet paraphrasing", kind="generation",
