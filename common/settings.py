@@ -108,8 +108,11 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
        "llm", tags=RUN_FREE),
     _S("llm-tpm", 0.0, "openai: cap on tokens per minute of this process, prompt + completion (0 = none)", "llm",
        tags=RUN_FREE),
-    _S("llm-context-window", 2048, "tokens (prompt + answer) the --llm openai model takes; prompts are cut to fit "
-       "(common/fit.py; the embedded LLM uses its own n_ctx)", "llm"),
+    # LaMP itself cut FlanT5's inputs to 512 tokens; on 2 CPU cores the embedded model's prefill is most of a
+    # call's time, so a smaller window makes long-history data (Amazon reviews) affordable.
+    _S("llm-context-window", 2048, "tokens (prompt + answer) the LLM takes; prompts are cut to fit, LaMP's way "
+       "(common/fit.py). openai: the endpoint model's window; embedded: its n_ctx (SmolLM2 was trained on 8192)",
+       "llm"),
     _S("cache-dir", "", "LLM response cache folder ('' = $FEDHYDRA_CACHE_DIR or ~/.cache/fedhydra); in simulations "
        "every client reads through it, as through a provider that answers identical prompts once", "llm",
        path="out", tags=RUN_FREE),

@@ -63,8 +63,9 @@ def make_llm(backend: str = "embedded", base_url: str | None = None, model: str 
 def llm_from_settings(values: dict, cache_dir: str | os.PathLike | None = None, cache: bool = True) -> LLM:
     """The LLM the `llm` settings (common/settings.py) describe; `cache_dir` overrides the cache-dir setting."""
     backend = str(values.get("llm", "embedded"))
-    kw = {"n_threads": int(values.get("llm-threads", 1))} if backend == "embedded" else \
-        {"context_window": int(values.get("llm-context-window", 2048))}
+    window = int(values.get("llm-context-window", 2048))
+    kw = {"n_threads": int(values.get("llm-threads", 1)), "n_ctx": window} if backend == "embedded" else \
+        {"context_window": window}
     return make_llm(backend, base_url=values.get("llm-base-url") or None, model=values.get("llm-model") or None,
                     api_key_env=str(values.get("llm-api-key-env") or "OPENAI_API_KEY"),
                     cache_dir=cache_dir or values.get("cache-dir") or None, cache=cache,
