@@ -164,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "bootstrap interval.")
     ev.add_argument("--methods", default="default",
                     help="comma-separated: zero-shot, rag-K, icl-random-K, copy-input, first-words, majority-label, "
-                         "user-mean, user-mode, mbr, closest, oracle, hydra-reranker, hydra-adapter, hydra; "
-                         "'default': the prompt baselines, the task kind's references and the hydra variants")
+                         "user-mean, user-mode, mbr, closest, oracle, hydra-reranker, hydra-adapter, hydra, "
+                         "hydra-base (ablation: every test user answered with the shared default heads, before "
+                         "the fit stage); 'default': the prompt baselines, the task kind's references and the "
+                         "hydra variants")
     ev.add_argument("--train-data", default=None, help="LaMP split for the train users (with --test-data)")
     ev.add_argument("--test-data", default=None, help="LaMP split for the test users (with --train-data)")
     ev.add_argument("--out", required=True, help="results folder")

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.llm,
 
 def _evaluate(data: Path, out: Path, cache: Path) -> dict:
     cmd = [FEDHYDRA, "evaluate", "--data", str(data), "--train-users", "2", "--test-users", "2",
-           "--methods", "zero-shot,rag-2,hydra-reranker,hydra-adapter,hydra", "--out", str(out),
+           "--methods", "zero-shot,rag-2,hydra-reranker,hydra-adapter,hydra-base,hydra", "--out", str(out),
            "--cache-dir", str(cache), "--preset", "cpu", "--pseudo-queries", "2", "--retrieve", "3",
            "--k", "2", "--candidates", "2", "--epochs", "1"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -34,14 +34,14 @@ def test_evaluate_writes_results_and_a_rerun_makes_no_llm_call(tmp_path):
     write_synthetic(tmp_path / "data", task="LaMP_2M", n_users=4, seed=11)
     first = _evaluate(tmp_path / "data", tmp_path / "run1", tmp_path / "cache")
     methods = first["methods"]
-    assert list(methods) == ["zero-shot", "rag-2", "hydra-reranker", "hydra-adapter", "hydra"]
+    assert list(methods) == ["zero-shot", "rag-2", "hydra-reranker", "hydra-adapter", "hydra-base", "hydra"]
     task = get_task("LaMP_2M")
     for name, r in methods.items():  # each method's metrics are those of the predictions it wrote
         rows = [json.loads(line) for line in (tmp_path / "run1" / "predictions" / f"{name}.jsonl").open()]
         assert r["users"] == len(rows) == 2
         assert r["metrics"] == evaluate(task, [row["prediction"] for row in rows], [row["gold"] for row in rows])
     assert first["hydra training"]["llm_calls"] > 0 and first["preset"] == "cpu"
-    assert (tmp_path / "run1" / "results.md").read_text().count("| hydra") == 3
+    assert (tmp_path / "run1" / "results.md").read_text().count("| hydra") == 4
     assert len((tmp_path / "run1" / "predictions" / "hydra.jsonl").read_text().splitlines()) == 2
 
     second = _evaluate(tmp_path / "data", tmp_path / "run2", tmp_path / "cache")
