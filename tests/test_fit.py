@@ -101,3 +101,15 @@ def test_rag4_on_the_longest_review_runs_on_the_embedded_model_and_fits(llm):
     assert used.calls == 1 and used.completion_tokens <= 1  # a rating asks for one token
     assert used.prompt_tokens + 1 <= llm.llm.llm.context_window  # the model's own count of what it was sent
     assert answer.items and len(answer.candidates) == 1
+
+
+def test_the_context_window_setting_sizes_the_embedded_model_and_its_prompts():
+    from fedhydra.common.llm import llm_from_settings
+
+    llm = llm_from_settings({"llm": "embedded", "llm-context-window": 512}, cache=False)
+    assert llm.context_window == 512 and llm._llama.n_ctx() == 512
+    task = get_task("LaMP_3")
+    items = [{"id": str(i), "text": "great strings, " * 400, "score": "5"} for i in range(4)]
+    messages = messages_for(task, llm, task.instruction("the tuner broke after a week " * 200), items, None, 0)
+    assert llm.prompt_tokens(messages) + fit.answer_tokens(task, llm) <= 512
+    assert llm.complete(messages, max_tokens=fit.answer_tokens(task, llm))  # the model takes it
