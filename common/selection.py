@@ -36,6 +36,11 @@ RULES = ("mbr", "closest")
 RATING_SPAN = 4.0  # the widest error on a 1-5 scale
 
 
+def _rating_closeness(error: float) -> float:
+    """1 for the same rating, 0 for the ends of the scale apart: the MAE's distance as a similarity."""
+    return max(0.0, 1.0 - error / RATING_SPAN)
+
+
 def similarity(task: Task, a: str, b: str) -> float:
     """How much two answers agree, symmetric (generation: ROUGE mix; otherwise: the same parsed label or rating)."""
     if task.kind == "generation":
@@ -43,7 +48,7 @@ def similarity(task: Task, a: str, b: str) -> float:
         return (r1 + rl) / 2
     if task.kind == "rating":
         va, vb = rating_value(a), rating_value(b)
-        return 0.0 if va is None or vb is None else max(0.0, 1.0 - abs(va - vb) / RATING_SPAN)
+        return 0.0 if va is None or vb is None else _rating_closeness(abs(va - vb))
     ia = label_index(task, a)
     return float(ia >= 0 and ia == label_index(task, b))
 
@@ -54,7 +59,7 @@ def grades(task: Task, texts: Sequence[str], target: str) -> list[float]:
     if task.kind == "generation":
         return [similarity(task, t, target) for t in texts]
     if task.kind == "rating":
-        return [max(0.0, 1.0 - rating_error(t, target) / RATING_SPAN) for t in texts]
+        return [_rating_closeness(rating_error(t, target)) for t in texts]
     return [float(is_correct(task, t, target)) for t in texts]
 
 
