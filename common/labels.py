@@ -40,7 +40,7 @@ from .config import MARGIN_AUTO, HydraConfig
 from .llm.base import LLM
 from .llm.pool import fan_out
 from .metrics import is_correct, rouge_pair
-from .pipeline import messages_for, neutral_input, rerank, sample_candidates
+from .pipeline import messages_for, neutral_input, profile_answers, rerank, sample_candidates
 from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
@@ -164,9 +164,10 @@ def adapter_labels(task: Task, user: User, prepared: list[AdapterPrompt], candid
         if cfg.adapter_labels == "graded":  # the candidates the pipeline scores: the LLM's, then the unnamed labels
             texts = selection.with_labels(task, candidates)
             held_out = pq.item_id is None and cfg.margin == MARGIN_AUTO
-            history = [task.item_answer(i) for i in retrieved[:cfg.k]] if cfg.adapter_history else []  # as pipeline
-            out.append(CandidateGroup(user.id, pq.content, texts, selection.grades(task, texts, pq.target),
-                                      selection.candidate_features(task, pq.content, texts, len(candidates), history),
+            history, profile = (([task.item_answer(i) for i in retrieved[:cfg.k]],  # as the pipeline's
+                                 profile_answers(task, user, exclude_id=pq.item_id)) if cfg.adapter_history else ([], []))
+            feats = selection.candidate_features(task, pq.content, texts, len(candidates), history, profile)
+            out.append(CandidateGroup(user.id, pq.content, texts, selection.grades(task, texts, pq.target), feats,
                                       held_out, src))
             continue
         unique = list(dict.fromkeys(candidates))
@@ -193,7 +194,8 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
 def label_set_examples(task: Task, retriever: Retriever, user: User, cfg: HydraConfig) -> list:
     """Classification/rating: `cfg.adapter_label_queries` profile items (seeded) scored against every
     label of the task, the item's own label the right one; no LLM call. [] for generation tasks.
-    Graded groups carry the candidate features, with the history of the item's own k BM25 neighbours.
+    Graded groups carry the candidate features, with the history of the item's own k BM25 neighbours and the
+    rest of the profile.
     Graded: one CandidateGroup per item. Pointwise: the positive repeated so each query's positives weigh
     as much as its negatives (with 1 positive in 15 the heads learn "always negative")."""
     if task.kind == "generation" or not task.labels or cfg.adapter_label_queries <= 0:
@@ -207,8 +209,9 @@ def label_set_examples(task: Task, retriever: Retriever, user: User, cfg: HydraC
         if cfg.adapter_labels == "graded":
             near = retriever.top(user, query, cfg.k, exclude_ids=(str(item["id"]),))
             graded = selection.grades(task, labels, target)
-            history = [task.item_answer(i) for i in near] if cfg.adapter_history else []
-            feats = selection.candidate_features(task, query, labels, 0, history)
+            history, profile = (([task.item_answer(i) for i in near], profile_answers(task, user, str(item["id"])))
+                                if cfg.adapter_history else ([], []))
+            feats = selection.candidate_features(task, query, labels, 0, history, profile)
             src += [str(i["id"]) for i in near]
             out.append(CandidateGroup(user.id, query, labels, graded, feats, sources=src))
             continue

@@ -98,11 +98,19 @@ def history_answers(task: Task, retriever: Retriever, user: User, query: str, k:
     return [task.item_answer(i) for i in retriever.top(user, query, k)]
 
 
+def profile_answers(task: Task, user: User, exclude_id: str | None = None) -> list[str]:
+    """The answers of all the user's profile items (but `exclude_id`, a pseudo-query's own item): the profile the
+    adapter's `profile` feature compares candidates with (selection.candidate_features)."""
+    return [task.item_answer(i) for i in user.profile if str(i["id"]) != exclude_id]
+
+
 def adapter_scores(adapter: HydraScorer, task: Task, user_id: str, query: str, candidates: list[str],
-                   sampled: int | None = None, history: list[str] | None = None) -> list[float]:
+                   sampled: int | None = None, history: list[str] | None = None,
+                   profile: list[str] | None = None) -> list[float]:
     """The adapter's log-odds of each candidate, with the candidate features the scorer takes (candidates[:sampled]
-    are the LLM's; see selection.with_labels; `history`: history_answers for the query)."""
-    extra = selection.candidate_features(task, query, candidates, sampled, history or ()) if adapter.extra else None
+    are the LLM's; see selection.with_labels; `history`: history_answers for the query; `profile`: profile_answers)."""
+    extra = (selection.candidate_features(task, query, candidates, sampled, history or (), profile or ())
+             if adapter.extra else None)
     return adapter.log_odds(user_id, query, candidates, extra)
 
 
@@ -148,9 +156,10 @@ class HydraPipeline:
         # the graded adapter also weighs the labels the LLM did not name (selection.with_labels)
         candidates = selection.with_labels(self.task, sampled) if self.adapter.extra else sampled
         query = self.task.content(user.input)
-        history = (history_answers(self.task, self.retriever, user, query, self.config.k)
-                   if self.adapter.extra and self.config.adapter_history else [])
-        scores = adapter_scores(self.adapter, self.task, user.id, query, candidates, len(sampled), history)
+        history, profile = ((history_answers(self.task, self.retriever, user, query, self.config.k),
+                             profile_answers(self.task, user))
+                            if self.adapter.extra and self.config.adapter_history else ([], []))
+        scores = adapter_scores(self.adapter, self.task, user.id, query, candidates, len(sampled), history, profile)
         best = selection.pick(scores, self.margin)
         return Answer(text=candidates[best], items=items, candidates=candidates, scores=[float(s) for s in scores],
                       sampled=len(sampled))

@@ -9,9 +9,11 @@ Candidates are always the greedy answer first, then the samples (pipeline.sample
 - `candidate_features`: what the adapter sees besides the encoder state, computed without any gold:
   closeness to the query, agreement with the other candidates (the MBR utility), length relative to the
   query, whether it is the greedy answer, and agreement with the user's own history (the answers of the
-  profile items retrieved for the query: on a tagging task, how many of them carry this tag), and which LLM
+  profile items retrieved for the query: on a tagging task, how many of them carry this tag), which LLM
   answers the training-free rules pick (`closest`, `consensus` = mbr), so the learned selector contains each
-  rule as a special case and can only fall below one by what it learns wrongly. On LaMP-7
+  rule as a special case and can only fall below one by what it learns wrongly, and (ratings only) `profile`:
+  agreement with the ratings of the user's whole profile, the user's scale (harsh or kind), which peaks at
+  their median rating, the per-user rule that minimises the MAE over their history. On LaMP-7
   closeness predicts a good candidate far better than the per-user signal (MEASUREMENTS.md; README "Results");
   on a classification task whose users label alike items alike, the history is the personal signal.
 - training-free rules over the same candidates: `mbr` (most agreement), `closest` (closest to the query);
@@ -25,12 +27,13 @@ Candidates are always the greedy answer first, then the samples (pipeline.sample
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 from .metrics import is_correct, label_index, rating_error, rating_value, rouge_pair
 from .tasks import Task
 
-FEATURES = ("closeness", "agreement", "length", "greedy", "history", "closest", "consensus")
+FEATURES = ("closeness", "agreement", "length", "greedy", "history", "closest", "consensus", "profile")
 MARGINS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # in adapter score units (log-odds)
 RULES = ("mbr", "closest")
 RATING_SPAN = 4.0  # the widest error on a 1-5 scale
@@ -76,13 +79,24 @@ def with_labels(task: Task, candidates: Sequence[str]) -> list[str]:
                                if not any(similarity(task, c, label) >= 1.0 for c in candidates)]
 
 
+def _profile_agreement(task: Task, text: str, profile: Counter) -> float:
+    """A candidate's mean similarity to the answers of the user's profile (counted once per distinct answer)."""
+    total = sum(profile.values())
+    return sum(n * similarity(task, text, a) for a, n in profile.items()) / total if total else 0.0
+
+
 def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: int | None = None,
-                       history: Sequence[str] = ()) -> list[list[float]]:
+                       history: Sequence[str] = (), profile: Sequence[str] = ()) -> list[list[float]]:
     """One row of FEATURES per candidate. texts[0] is the greedy answer and texts[:sampled] come from the LLM (the
     rest are labels added by with_labels): agreement is the share of the *other LLM* answers that agree.
     `history`: the answers of the user's profile items retrieved for the query (pipeline.history_answers);
     the history feature is a candidate's mean similarity to them (0 without history). `closest` and `consensus`
-    mark the LLM answer the rules of the same names pick (1 for it, 0 for every other row)."""
+    mark the LLM answer the rules of the same names pick (1 for it, 0 for every other row). `profile`: the
+    answers of the user's whole profile (pipeline.profile_answers); on a rating task the profile feature is a
+    candidate's mean similarity to them. It is 0 on other tasks: a tag's neighbours (`history`) carry a tagger's
+    habit better than their overall tag counts, and ROUGE against a whole profile of texts costs
+    |profile| x candidates scorings per query for a signal `closeness` already dominates on LaMP-7; a zero
+    column never moves its zero-initialised weight, so those tasks train exactly as before."""
     n, m = len(texts), len(texts) if sampled is None else sampled
     sims = [[1.0] * n for _ in range(n)]
     for i in range(n):
@@ -100,8 +114,9 @@ def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: in
     # the rules' picks among the LLM answers (none without one), ties to the earlier: greedy first
     near = max(range(m), key=lambda j: (rows[j][0], -j)) if m else -1
     voted = max(range(m), key=lambda j: (rows[j][1], -j)) if m else -1
+    counts = Counter(profile) if task.kind == "rating" else Counter()
     for i, row in enumerate(rows):
-        row += [float(i == near), float(i == voted)]
+        row += [float(i == near), float(i == voted), _profile_agreement(task, texts[i], counts)]
     return rows
 
 

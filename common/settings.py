@@ -73,8 +73,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("adapter-margin", "auto", "a sample replaces the greedy answer only when its adapter score beats greedy's by "
        "this much: auto (chosen on held-out training queries), off (always greedy), or a number", "hydra",
        tags=LABEL_FREE),
-    _S("adapter-history", True, "the adapter's history feature: how near a candidate is to the answers of the user's "
-       "own profile items retrieved for the query (false: zeroed, an ablation)", "hydra", tags=LABEL_FREE),
+    _S("adapter-history", True, "the adapter's history features: how near a candidate is to the answers of the "
+       "user's own profile items retrieved for the query, and (ratings) to their whole profile's ratings (false: "
+       "zeroed, an ablation)", "hydra", tags=LABEL_FREE),
     _S("encoder", "", "HF encoder folder or name of both scorers ('' = all-MiniLM-L6-v2 from its package)", "hydra",
        path="in?"),
     _S("train-layers", 2, "top encoder layers that train and are shared", "hydra"),

@@ -158,6 +158,25 @@ def test_label_set_queries_need_no_llm_graded_one_group_per_item():
         assert [f[history] for f in g.features] == pytest.approx([near.count(t) / len(near) for t in task.labels])
 
 
+def test_a_rating_query_sees_the_rest_of_the_profile_never_its_own_rating():
+    task = get_task("LaMP_3")
+    scores = ["1", "1", "2", "5", "5", "4"]
+    user = User("harsh", task.instruction("a fine kettle"), [
+        {"id": str(j), "text": f"review {j} of a kettle, a lamp and a chair", "score": s} for j, s in enumerate(scores)])
+    cfg = get_config("cpu", adapter_label_queries=len(scores))
+    profile = selection.FEATURES.index("profile")
+    groups = labels.label_set_examples(task, Retriever(task), user, cfg)
+    assert len(groups) == len(scores)
+    for g in groups:
+        own = next(p for p in user.profile if p["text"] == g.query)
+        rest = [int(p["score"]) for p in user.profile if p is not own]
+        expected = [sum(1 - abs(int(label) - r) / 4 for r in rest) / len(rest) for label in task.labels]
+        assert [f[profile] for f in g.features] == pytest.approx(expected)
+    off = labels.label_set_examples(task, Retriever(task), user, get_config("cpu", adapter_label_queries=2,
+                                                                            adapter_history=False))
+    assert all(f[profile] == 0.0 for g in off for f in g.features)  # the ablation switch zeroes it
+
+
 def test_label_set_queries_are_balanced_in_hydras_pointwise_recipe():
     split = make_synthetic("LaMP_2M", n_users=1, seed=1)
     task, user = split.task, split.users[0]

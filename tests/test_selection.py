@@ -48,6 +48,20 @@ def test_rating_grades_agreement_and_history_follow_the_absolute_error():
     assert selection.with_labels(rating, ["5", "4."]) == ["5", "4.", "1", "2", "3"]
 
 
+def test_the_profile_feature_is_a_rating_users_scale_and_zero_elsewhere():
+    rating, profile = get_task("LaMP_3"), selection.FEATURES.index("profile")
+    harsh = ["1", "2", "2", "5"]  # median 2: mean distances 1.5, 1, 1.5, 2, 2.5 stars
+    feats = selection.candidate_features(rating, "a review", list(rating.labels), 0, profile=harsh)
+    assert [f[profile] for f in feats] == [1 - d / 4 for d in (1.5, 1.0, 1.5, 2.0, 2.5)]
+    assert max(range(5), key=lambda j: feats[j][profile]) == rating.labels.index("2")
+    assert all(f[profile] == 0.0 for f in selection.candidate_features(rating, "a review", ["4", "5"], 2))
+    # a tag's and a tweet's profile stay out of the features: their column is 0
+    assert all(f[profile] == 0.0 for f in selection.candidate_features(MOVIES, "a film", ["comedy", "drama"], 2,
+                                                                         profile=["comedy", "comedy"]))
+    assert all(f[profile] == 0.0 for f in selection.candidate_features(LAMP7, QUERY, CANDIDATES,
+                                                                         profile=[CANDIDATES[0]]))
+
+
 def test_features_describe_each_candidate_without_the_gold():
     feats = selection.candidate_features(LAMP7, QUERY, CANDIDATES)
     assert len(feats) == 4 and all(len(f) == len(selection.FEATURES) for f in feats)
