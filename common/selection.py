@@ -93,10 +93,9 @@ def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: in
     the history feature is a candidate's mean similarity to them (0 without history). `closest` and `consensus`
     mark the LLM answer the rules of the same names pick (1 for it, 0 for every other row). `profile`: the
     answers of the user's whole profile (pipeline.profile_answers); on a rating task the profile feature is a
-    candidate's mean similarity to them. It is 0 on other tasks: a tag's neighbours (`history`) carry a tagger's
-    habit better than their overall tag counts, and ROUGE against a whole profile of texts costs
-    |profile| x candidates scorings per query for a signal `closeness` already dominates on LaMP-7; a zero
-    column never moves its zero-initialised weight, so those tasks train exactly as before."""
+    candidate's mean similarity to them. It is 0 on other tasks, which it has not been measured on: ROUGE against
+    a whole profile of texts costs |profile| x candidates scorings per query, and a zero column never moves its
+    zero-initialised weight, so LaMP-7 and the tagging tasks train exactly as before."""
     n, m = len(texts), len(texts) if sampled is None else sampled
     sims = [[1.0] * n for _ in range(n)]
     for i in range(n):
