@@ -119,8 +119,8 @@ def units_loss(model: HydraScorer, units: list[Unit]) -> tuple[torch.Tensor, int
     total, correct, start, row_unit = feats.new_zeros(()), 0, 0, []
     for i, unit in enumerate(units):
         rows = slice(start, start + unit.rows)
-        user_loss, right = training.batch_loss(unit.examples, user_logits[rows])
-        default_loss, _ = training.batch_loss(unit.examples, default_logits[rows])
+        user_loss, right = training.batch_loss(unit.examples, user_logits[rows], model.listwise_loss)
+        default_loss, _ = training.batch_loss(unit.examples, default_logits[rows], model.listwise_loss)
         total = total + user_loss + default_loss
         correct += right
         row_unit += [i] * unit.rows

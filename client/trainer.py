@@ -61,11 +61,7 @@ def client_llm(state: ClientState, values: dict) -> LLM:
 def load_models(state: ClientState, cfg: HydraConfig, device: str | None = None) -> hydra.HydraModels:
     """The client's saved models, or fresh ones (seeded, so every client starts from the same default head)."""
     models = state.load_models(device=device)
-    if models is None:
-        return hydra.HydraModels.new(cfg, device=device)
-    if models.adapter.candidate_weights is not None:  # the learning rate is the run's, not a saved property
-        models.adapter.candidate_weights.fixed_lr = cfg.feature_lr
-    return models
+    return hydra.HydraModels.new(cfg, device=device) if models is None else hydra.use_run_settings(models, cfg)
 
 
 def _label_key(cfg: HydraConfig, module: str, role: str, llm: LLM, models: hydra.HydraModels) -> str:

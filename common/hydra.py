@@ -47,7 +47,16 @@ class HydraModels:
         # The default head is initialised at construction: seed it, or reruns differ (and miss the LLM cache).
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            return cls(make(0), make(adapter_features(cfg)))
+            return use_run_settings(cls(make(0), make(adapter_features(cfg))), cfg)
+
+
+def use_run_settings(models: HydraModels, cfg: HydraConfig) -> HydraModels:
+    """Give models (new, or loaded from a file, which keeps no training settings) the run's feature learning rate
+    and listwise loss."""
+    if models.adapter.candidate_weights is not None:
+        models.adapter.candidate_weights.fixed_lr = cfg.feature_lr
+    models.adapter.listwise_loss = cfg.adapter_loss
+    return models
 
 
 def adapter_features(cfg: HydraConfig) -> int:

@@ -68,6 +68,13 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("adapter-labels", "graded", "adapter training target: graded (every candidate graded by the task metric, "
        "listwise loss), gold (HYDRA: the user's text positive, every LLM candidate negative), above-mean",
        "hydra", ("graded", "gold", "above-mean")),
+    # The expected risk saturates: once a few flags put nearly all the softmax on one candidate, its gradient
+    # vanishes even where that candidate is wrong, and Adam keeps moving the feature weights by about lr per step
+    # in the sign of that tiny gradient. On Amazon ratings (60 train / 100 test users, seed 1) the greedy flags
+    # drifted to ~35 log-odds and hydra answered greedy for every user (MAE 0.67); "best" gave 0.62.
+    _S("adapter-loss", "risk", "listwise loss of the graded adapter: risk (expected task error of the softmax "
+       "choice) or best (cross-entropy of the best-graded candidates' share of the softmax; it keeps a gradient "
+       "where the adapter is confidently wrong)", "hydra", ("risk", "best"), tags=LABEL_FREE),
     _S("adapter-label-queries", 12, "classification/rating: extra adapter queries per user over the closed label "
        "set (no LLM call)", "hydra"),
     _S("adapter-margin", "auto", "a sample replaces the greedy answer only when its adapter score beats greedy's by "

@@ -170,9 +170,17 @@ def rows_of(batch: list[Example]) -> tuple[list[str], list[str], list[str], list
     return users, queries, texts, (feats or None)
 
 
-def batch_loss(batch: list[Example], logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+LISTWISE_LOSSES = ("risk", "best")
+
+
+def batch_loss(batch: list[Example], logits: torch.Tensor, listwise: str = "risk") -> tuple[torch.Tensor, int]:
     """(mean loss, number of correct items) of a batch's logits [rows, 2]; a listwise item is correct when its
-    top-scored candidate has the best grade."""
+    top-scored candidate has the best grade. `listwise` (setting adapter-loss): "risk", the expected error
+    sum_i softmax_i * (1 - grade_i); or "best", -log of the softmax mass on the best-graded candidates (ties
+    share it, so duplicates of the best answer are not played off against each other). The risk's gradient
+    vanishes once the softmax is confidently on a wrong candidate; the cross-entropy's does not."""
+    if listwise not in LISTWISE_LOSSES:
+        raise ValueError(f"unknown listwise loss {listwise!r}; known: {', '.join(LISTWISE_LOSSES)}")
     if isinstance(batch[0], ScoredExample):
         labels = torch.tensor([e.label for e in batch], device=logits.device)
         return F.cross_entropy(logits, labels), int((logits.argmax(-1) == labels).sum())
@@ -181,8 +189,11 @@ def batch_loss(batch: list[Example], logits: torch.Tensor) -> tuple[torch.Tensor
     for g in batch:
         s = scores[start:start + len(g.texts)]
         start += len(g.texts)
-        cost = 1.0 - torch.tensor(g.grades, dtype=s.dtype, device=s.device)
-        losses.append((F.softmax(s, dim=0) * cost).sum())
+        grades = torch.tensor(g.grades, dtype=s.dtype, device=s.device)
+        if listwise == "best":
+            losses.append(-torch.logsumexp(F.log_softmax(s, dim=0)[grades >= grades.max()], dim=0))
+        else:
+            losses.append((F.softmax(s, dim=0) * (1.0 - grades)).sum())
         correct += int(g.grades[int(s.argmax())] >= max(g.grades))
     return torch.stack(losses).mean(), correct
 
@@ -332,8 +343,8 @@ def _train_step(model: HydraScorer, batch: list[Example], params: list, opt, sch
     uids, queries, texts, extra = rows_of(batch)
     feats = model.encode(queries, texts)
     term = model.feature_logits(model.extra_tensor(extra), len(texts))
-    user_loss, right = batch_loss(batch, model.head_logits(feats, uids) + term)
-    default_loss, _ = batch_loss(batch, model.heads[DEFAULT_HEAD](feats) + term)
+    user_loss, right = batch_loss(batch, model.head_logits(feats, uids) + term, model.listwise_loss)
+    default_loss, _ = batch_loss(batch, model.heads[DEFAULT_HEAD](feats) + term, model.listwise_loss)
     loss = user_loss + default_loss
     if proximal_mu:
         loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in
@@ -349,7 +360,7 @@ def _fit_step(model: HydraScorer, batch: list[Example], feats: list[torch.Tensor
     uids, _, texts, extra = rows_of(batch)
     with torch.no_grad():  # the shared feature weights are part of the frozen base here
         term = model.feature_logits(model.extra_tensor(extra), len(texts))
-    loss, right = batch_loss(batch, model.head_logits(torch.cat(feats), uids) + term)
+    loss, right = batch_loss(batch, model.head_logits(torch.cat(feats), uids) + term, model.listwise_loss)
     _step(loss, params, opt, sched, max_grad_norm)
     return Step({"loss": loss.detach().item()}, right, len(batch))
 

@@ -147,6 +147,50 @@ def test_the_listwise_loss_is_the_expected_risk_of_the_scorers_pick():
     assert batch_loss(groups[:1], certain)[0].item() == pytest.approx(0.1, abs=1e-6)
 
 
+def test_the_best_loss_keeps_a_gradient_where_the_risk_has_saturated_on_a_wrong_pick():
+    """Adapter-loss "best": -log of the softmax mass on the best-graded candidates. Where the scores are confidently
+    on a wrong candidate the risk's gradient vanishes (so Adam drifts on its sign) while this one stays near 1."""
+    group = [CandidateGroup("a", "q", ["5", "4", "4"], [0.5, 1.0, 1.0])]  # two copies of the best answer
+    scores = torch.tensor([20.0, 0.0, 0.0], requires_grad=True)
+    logits = torch.stack([torch.zeros(3), scores], dim=1)
+    risk, _ = batch_loss(group, logits)
+    (risk_grad,) = torch.autograd.grad(risk, scores)
+    best, correct = batch_loss(group, logits, "best")
+    assert correct == 0
+    assert best.item() == pytest.approx(-torch.log(torch.softmax(scores, 0)[1:].sum()).item())
+    (best_grad,) = torch.autograd.grad(best, scores)
+    assert risk_grad.abs().max() < 1e-6 < 0.9 < best_grad[0]  # descent lowers the wrong pick
+    assert best_grad[1] == best_grad[2] < 0  # the copies of the best answer share the mass, not played off
+    tied = torch.stack([torch.zeros(3), torch.tensor([0.0, 30.0, -30.0])], dim=1)
+    assert batch_loss(group, tied, "best")[0].item() == pytest.approx(0.0, abs=1e-6)  # all mass on a best copy
+    with pytest.raises(ValueError, match="unknown listwise loss 'hinge'"):
+        batch_loss(group, logits, "hinge")
+
+
+def test_the_runs_listwise_loss_reaches_new_and_loaded_adapters(tmp_path, monkeypatch):
+    from fedhydra.common import training
+    from fedhydra.common.config import get_config
+    from fedhydra.common.hydra import HydraModels, use_run_settings
+
+    cfg = get_config("cpu", adapter_loss="best", feature_lr=0.5, max_length=32)
+    models = HydraModels.new(cfg, device="cpu")
+    assert models.adapter.listwise_loss == "best" and models.adapter.candidate_weights.fixed_lr == 0.5
+    assert models.reranker.listwise_loss == "risk"  # pointwise: the reranker has no listwise loss to choose
+    models.adapter.save(tmp_path / "adapter.safetensors")
+    loaded = HydraScorer.load(tmp_path / "adapter.safetensors", device="cpu")
+    assert loaded.listwise_loss == "risk"  # a file keeps no training setting: the run's is applied on load
+    use_run_settings(HydraModels(models.reranker, loaded), cfg)
+    assert loaded.listwise_loss == "best" and loaded.candidate_weights.fixed_lr == 0.5
+    seen = []
+    real = training.batch_loss
+    monkeypatch.setattr(training, "batch_loss", lambda b, l, listwise="risk": seen.append(listwise) or real(b, l, listwise))
+    group = CandidateGroup("u", QUERY, ["a cat", "a dog"], [1.0, 0.0], [[0.0] * loaded.extra] * 2)
+    train_stage(loaded, [group], epochs=1, lr=1e-4, head_lr=1e-3, batch_size=8, progress=False)
+    fit_stage(loaded, [CandidateGroup("w", QUERY, group.texts, [0.0, 1.0], group.features)], epochs=1,
+              batch_size=8, progress=False)
+    assert seen == ["best"] * 3  # the train step's user and default heads, then the fit step
+
+
 def test_held_out_groups_are_never_trained_on(model):
     before = _params(model.encoder)
     with pytest.raises(ValueError, match="no training examples"):
