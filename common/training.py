@@ -14,7 +14,10 @@ Two kinds of training data:
   pick a query's best candidate, not to tell human from LLM text. It replaced a cross-entropy against
   softmax(grades / 0.1): that loss rewards matching the whole grade distribution, and on LaMP-7 its
   optimum (even fitted on the test users) fell below the `closest` rule it can express; the risk's optimum
-  is the best pick (README "Results").
+  is the best pick (README "Results"). Setting adapter-loss "best" swaps it for -log of the softmax mass on
+  the best-graded candidates: the risk's gradient vanishes once the scores sit confidently on one candidate,
+  right or wrong, and Adam then moves the few feature weights by about lr per step in the sign of that tiny
+  gradient (on Amazon ratings the greedy flags drifted to ~35 log-odds; README "Amazon reviews").
 
 Optimisation is HYDRA's (the HF Trainer defaults it ran with): AdamW (betas 0.9/0.999, eps 1e-8),
 linear decay to 0 without warmup, weight decay on all but biases and LayerNorm weights,
