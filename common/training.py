@@ -14,10 +14,7 @@ Two kinds of training data:
   pick a query's best candidate, not to tell human from LLM text. It replaced a cross-entropy against
   softmax(grades / 0.1): that loss rewards matching the whole grade distribution, and on LaMP-7 its
   optimum (even fitted on the test users) fell below the `closest` rule it can express; the risk's optimum
-  is the best pick (README "Results"). Setting adapter-loss "best" swaps it for -log of the softmax mass on
-  the best-graded candidates: the risk's gradient vanishes once the scores sit confidently on one candidate,
-  right or wrong, and Adam then moves the few feature weights by about lr per step in the sign of that tiny
-  gradient (on Amazon ratings the greedy flags drifted to ~35 log-odds; README "Amazon reviews").
+  is the best pick (README "Results"). Setting adapter-loss "best" swaps it for a cross-entropy (batch_loss).
 
 Optimisation is HYDRA's (the HF Trainer defaults it ran with): AdamW (betas 0.9/0.999, eps 1e-8),
 linear decay to 0 without warmup, weight decay on all but biases and LayerNorm weights,
@@ -42,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import settings
 from .scorer import DEFAULT_HEAD, HydraScorer
 
 
@@ -110,10 +108,6 @@ def check_args(examples: list, epochs: int, batch_size: int, lrs: list[float | N
         raise ValueError(f"learning rates must be positive, got {lrs}")
 
 
-def _users_in_order(examples: list[Example]) -> list[str]:
-    return list(dict.fromkeys(e.user_id for e in examples))
-
-
 def param_groups(modules: list[nn.Module], lr: float, weight_decay: float) -> list[dict]:
     """HF Trainer's split: no weight decay on biases and normalisation weights. A submodule with a `fixed_lr`
     (the scorer's candidate-feature weights, scorer.py) trains at that learning rate without weight decay."""
@@ -173,15 +167,15 @@ def rows_of(batch: list[Example]) -> tuple[list[str], list[str], list[str], list
     return users, queries, texts, (feats or None)
 
 
-LISTWISE_LOSSES = ("risk", "best")
+LISTWISE_LOSSES = settings.SETTINGS["adapter-loss"].choices
 
 
 def batch_loss(batch: list[Example], logits: torch.Tensor, listwise: str = "risk") -> tuple[torch.Tensor, int]:
     """(mean loss, number of correct items) of a batch's logits [rows, 2]; a listwise item is correct when its
     top-scored candidate has the best grade. `listwise` (setting adapter-loss): "risk", the expected error
     sum_i softmax_i * (1 - grade_i); or "best", -log of the softmax mass on the best-graded candidates (ties
-    share it, so duplicates of the best answer are not played off against each other). The risk's gradient
-    vanishes once the softmax is confidently on a wrong candidate; the cross-entropy's does not."""
+    share it). The risk's gradient vanishes once the softmax sits confidently on a wrong candidate, and Adam
+    then moves the feature weights by about lr per step in its sign (Amazon ratings, README); "best"'s does not."""
     if listwise not in LISTWISE_LOSSES:
         raise ValueError(f"unknown listwise loss {listwise!r}; known: {', '.join(LISTWISE_LOSSES)}")
     if isinstance(batch[0], ScoredExample):
@@ -281,7 +275,7 @@ def _optimise(model: HydraScorer, examples: list[Example], *, base: bool, init: 
     if private is not None and not base:
         raise ValueError("DP-SGD trains the train stage only")
     start = time.perf_counter()
-    users = _users_in_order(examples)
+    users = list(dict.fromkeys(e.user_id for e in examples))
     was_training = model.training
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)  # dropout and order are reproducible; the caller's RNG is untouched
