@@ -29,10 +29,11 @@ demo: setup
 	$(VENV)/bin/fedhydra demo
 
 # Two workers, one per core (tests/conftest.py gives each one thread); a test file stays on one worker,
-# so its module fixtures (a trained HYDRA, a federated run) are built once.
+# so its module fixtures (a trained HYDRA, a federated run) are built once. --durations puts the slowest
+# tests in CI's log, where the suite's 15-minute budget goes.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
