@@ -13,7 +13,9 @@ Candidates are always the greedy answer first, then the samples (pipeline.sample
   answers the training-free rules pick (`closest`, `consensus` = mbr), so the learned selector contains each
   rule as a special case and can only fall below one by what it learns wrongly, and (ratings only) `profile`:
   agreement with the ratings of the user's whole profile, the user's scale (harsh or kind), which peaks at
-  their median rating, the per-user rule that minimises the MAE over their history. On LaMP-7
+  their median rating, the per-user rule that minimises the MAE over their history, and `frequency`: the share of
+  the profile that carries exactly this rating, which peaks at their mode (on 200 Amazon test users the mode rule
+  beat the median rule by 0.04 MAE, and with `profile` alone hydra answered the median for 179 of them). On LaMP-7
   closeness predicts a good candidate far better than the per-user signal (MEASUREMENTS.md; README "Results");
   on a classification task whose users label alike items alike, the history is the personal signal.
 - training-free rules over the same candidates: `mbr` (most agreement), `closest` (closest to the query);
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 from .metrics import is_correct, label_index, rating_error, rating_value, rouge_pair
 from .tasks import Task
 
-FEATURES = ("closeness", "agreement", "length", "greedy", "history", "closest", "consensus", "profile")
+FEATURES = ("closeness", "agreement", "length", "greedy", "history", "closest", "consensus", "profile", "frequency")
 MARGINS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # in adapter score units (log-odds)
 RULES = ("mbr", "closest")
 RATING_SPAN = 4.0  # the widest error on a 1-5 scale
@@ -79,10 +81,15 @@ def with_labels(task: Task, candidates: Sequence[str]) -> list[str]:
                                if not any(similarity(task, c, label) >= 1.0 for c in candidates)]
 
 
-def _profile_agreement(task: Task, text: str, profile: Counter) -> float:
-    """A candidate's mean similarity to the answers of the user's profile (counted once per distinct answer)."""
+def _profile_agreement(task: Task, text: str, profile: Counter) -> tuple[float, float]:
+    """A candidate's mean similarity to the answers of the user's profile, and the share of them it equals
+    (each counted once per distinct answer)."""
     total = sum(profile.values())
-    return sum(n * similarity(task, text, a) for a, n in profile.items()) / total if total else 0.0
+    if not total:
+        return 0.0, 0.0
+    sims = {a: similarity(task, text, a) for a in profile}
+    return (sum(n * sims[a] for a, n in profile.items()) / total,
+            sum(n for a, n in profile.items() if sims[a] >= 1.0) / total)
 
 
 def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: int | None = None,
@@ -93,7 +100,7 @@ def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: in
     the history feature is a candidate's mean similarity to them (0 without history). `closest` and `consensus`
     mark the LLM answer the rules of the same names pick (1 for it, 0 for every other row). `profile`: the
     answers of the user's whole profile (pipeline.profile_answers); on a rating task the profile feature is a
-    candidate's mean similarity to them. It is 0 on other tasks, which it has not been measured on: ROUGE against
+    candidate's mean similarity to them, and the frequency feature the share of them it equals. Both are 0 on other tasks, which it has not been measured on: ROUGE against
     a whole profile of texts costs |profile| x candidates scorings per query, and a zero column never moves its
     zero-initialised weight, so LaMP-7 and the tagging tasks train exactly as before."""
     n, m = len(texts), len(texts) if sampled is None else sampled
@@ -115,7 +122,7 @@ def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: in
     voted = max(range(m), key=lambda j: (rows[j][1], -j)) if m else -1
     counts = Counter(profile) if task.kind == "rating" else Counter()
     for i, row in enumerate(rows):
-        row += [float(i == near), float(i == voted), _profile_agreement(task, texts[i], counts)]
+        row += [float(i == near), float(i == voted), *_profile_agreement(task, texts[i], counts)]
     return rows
 
 

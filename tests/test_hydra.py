@@ -172,6 +172,8 @@ def test_a_rating_query_sees_the_rest_of_the_profile_never_its_own_rating():
         rest = [int(p["score"]) for p in user.profile if p is not own]
         expected = [sum(1 - abs(int(label) - r) / 4 for r in rest) / len(rest) for label in task.labels]
         assert [f[profile] for f in g.features] == pytest.approx(expected)
+        shares = [rest.count(int(label)) / len(rest) for label in task.labels]
+        assert [f[selection.FEATURES.index("frequency")] for f in g.features] == pytest.approx(shares)
     off = labels.label_set_examples(task, Retriever(task), user, get_config("cpu", adapter_label_queries=2,
                                                                             adapter_history=False))
     assert all(f[profile] == 0.0 for g in off for f in g.features)  # the ablation switch zeroes it

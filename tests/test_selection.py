@@ -54,7 +54,16 @@ def test_the_profile_feature_is_a_rating_users_scale_and_zero_elsewhere():
     feats = selection.candidate_features(rating, "a review", list(rating.labels), 0, profile=harsh)
     assert [f[profile] for f in feats] == [1 - d / 4 for d in (1.5, 1.0, 1.5, 2.0, 2.5)]
     assert max(range(5), key=lambda j: feats[j][profile]) == rating.labels.index("2")
-    assert all(f[profile] == 0.0 for f in selection.candidate_features(rating, "a review", ["4", "5"], 2))
+    # frequency: the share of the profile with exactly this rating, which peaks at the mode, not the median
+    frequency = selection.FEATURES.index("frequency")
+    kind = ["5", "5", "5", "1", "2"]
+    assert [f[frequency] for f in feats] == [0.25, 0.5, 0.0, 0.0, 0.25]
+    mixed = selection.candidate_features(rating, "a review", ["4 stars", "3"], 2, profile=["4", "4.", "3", "1", "5"])
+    assert [f[frequency] for f in mixed] == [0.4, 0.2]  # "4", "4." and "4 stars" are the same rating
+    assert [f[frequency] for f in selection.candidate_features(rating, "a review", kind, 5, profile=kind)] == \
+        [0.6, 0.6, 0.6, 0.2, 0.2]
+    assert all(f[profile] == f[frequency] == 0.0
+               for f in selection.candidate_features(rating, "a review", ["4", "5"], 2))
     # a tag's and a tweet's profile stay out of the features: their column is 0
     assert all(f[profile] == 0.0 for f in selection.candidate_features(MOVIES, "a film", ["comedy", "drama"], 2,
                                                                          profile=["comedy", "comedy"]))
