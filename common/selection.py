@@ -81,7 +81,7 @@ def with_labels(task: Task, candidates: Sequence[str]) -> list[str]:
                                if not any(similarity(task, c, label) >= 1.0 for c in candidates)]
 
 
-def _profile_agreement(task: Task, text: str, profile: Counter) -> tuple[float, float]:
+def _profile_features(task: Task, text: str, profile: Counter) -> tuple[float, float]:
     """A candidate's mean similarity to the answers of the user's profile, and the share of them it equals
     (each counted once per distinct answer)."""
     total = sum(profile.values())
@@ -100,9 +100,10 @@ def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: in
     the history feature is a candidate's mean similarity to them (0 without history). `closest` and `consensus`
     mark the LLM answer the rules of the same names pick (1 for it, 0 for every other row). `profile`: the
     answers of the user's whole profile (pipeline.profile_answers); on a rating task the profile feature is a
-    candidate's mean similarity to them, and the frequency feature the share of them it equals. Both are 0 on other tasks, which it has not been measured on: ROUGE against
-    a whole profile of texts costs |profile| x candidates scorings per query, and a zero column never moves its
-    zero-initialised weight, so LaMP-7 and the tagging tasks train exactly as before."""
+    candidate's mean similarity to them, and the frequency feature the share of them it equals. Both are 0 on
+    other tasks, which they have not been measured on: ROUGE against a whole profile of texts costs
+    |profile| x candidates scorings per query, and a zero column never moves its zero-initialised weight, so
+    LaMP-7 and the tagging tasks train exactly as before."""
     n, m = len(texts), len(texts) if sampled is None else sampled
     sims = [[1.0] * n for _ in range(n)]
     for i in range(n):
@@ -122,7 +123,7 @@ def candidate_features(task: Task, query: str, texts: Sequence[str], sampled: in
     voted = max(range(m), key=lambda j: (rows[j][1], -j)) if m else -1
     counts = Counter(profile) if task.kind == "rating" else Counter()
     for i, row in enumerate(rows):
-        row += [float(i == near), float(i == voted), *_profile_agreement(task, texts[i], counts)]
+        row += [float(i == near), float(i == voted), *_profile_features(task, texts[i], counts)]
     return rows
 
 
