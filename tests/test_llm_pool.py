@@ -243,5 +243,22 @@ def test_labels_answers_rows_and_cache_keys_do_not_depend_on_concurrency(endpoin
     # progress: prompts done, the LLM's requests per second and the time left, at every tenth of the way
     lines = [s for s in many["said"] if s.startswith("reranker labels:")]
     assert 5 <= len(lines) <= 11
-    assert re.fullmatch(r"reranker labels: (\d+)/\1 prompts, \d+ LLM requests \([\d.]+/s\), about 00:00 left",
-                        lines[-1]), lines[-1]
+    last = re.fullmatch(r"reranker labels: (\d+)/\1 prompts, (\d+) LLM requests \((\d+) from the cache, [\d.]+/s\), "
+                        r"about 00:00 left", lines[-1])
+    assert last, lines[-1]
+    assert int(last[2]) >= int(last[1]) and 0 <= int(last[3]) < int(last[2])  # a cold cache answers few of them
+
+
+def test_progress_lines_say_how_many_requests_the_cache_answered():
+    from fedhydra.common.llm.base import LLMStats
+    from fedhydra.common.llm.progress import LLMProgress
+
+    stats, said = LLMStats(calls=7, cache_hits=3), []  # counts from before the stage are not its own
+    with LLMProgress(stats, 4, "adapter candidates", say=said.append) as progress:
+        for calls, hits in ((1, 0), (0, 2), (0, 1), (2, 0)):
+            stats.calls, stats.cache_hits = stats.calls + calls, stats.cache_hits + hits
+            progress.step()
+    assert len(said) == 4
+    last = r"adapter candidates: 4/4 prompts, 6 LLM requests \(3 from the cache, [\d.]+/s\), about 00:00 left"
+    assert re.fullmatch(last, said[-1]), said[-1]
+    assert said[1].startswith("adapter candidates: 2/4 prompts, 3 LLM requests (2 from the cache, ")
