@@ -29,7 +29,8 @@ import torch
 from fedhydra.common.encoder import default_encoder_path
 from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.tasks import get_task
-from fedhydra.common.training import ScoredExample, train_stage
+from fedhydra.common.examples import ScoredExample
+from fedhydra.common.training import train_stage
 
 TASK = get_task("LaMP_7")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/lamp/LaMP_7"

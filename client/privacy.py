@@ -42,8 +42,8 @@ from torch import nn
 
 from fedhydra.common import protocol as p
 from fedhydra.common import training
+from fedhydra.common.examples import CandidateGroup, Example, batch_loss, rows_of
 from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
-from fedhydra.common.training import CandidateGroup, Example
 
 
 Say = Callable[[str], None]
@@ -109,9 +109,9 @@ def masked_head_logits(model: HydraScorer, features: torch.Tensor, user_ids: lis
 
 def units_loss(model: HydraScorer, units: list[Unit]) -> tuple[torch.Tensor, int, torch.Tensor]:
     """(sum over units of each unit's loss, correct items, the unit index of every row). A unit's loss is
-    training.batch_loss over its own rows, user head plus default head, as in train_stage."""
+    batch_loss over its own rows, user head plus default head, as in train_stage."""
     batch = [e for u in units for e in u.examples]
-    uids, queries, texts, extra = training.rows_of(batch)
+    uids, queries, texts, extra = rows_of(batch)
     feats = model.encode(queries, texts)
     term = model.feature_logits(model.extra_tensor(extra), len(texts))
     user_logits = masked_head_logits(model, feats, uids) + term
@@ -119,8 +119,8 @@ def units_loss(model: HydraScorer, units: list[Unit]) -> tuple[torch.Tensor, int
     total, correct, start, row_unit = feats.new_zeros(()), 0, 0, []
     for i, unit in enumerate(units):
         rows = slice(start, start + unit.rows)
-        user_loss, right = training.batch_loss(unit.examples, user_logits[rows], model.listwise_loss)
-        default_loss, _ = training.batch_loss(unit.examples, default_logits[rows], model.listwise_loss)
+        user_loss, right = batch_loss(unit.examples, user_logits[rows], model.listwise_loss)
+        default_loss, _ = batch_loss(unit.examples, default_logits[rows], model.listwise_loss)
         total = total + user_loss + default_loss
         correct += right
         row_unit += [i] * unit.rows

@@ -36,7 +36,7 @@ from fedhydra.common.protocol import MODULES
 from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.records import User
 from fedhydra.common.tasks import PROFILE_FIELDS, Task, get_task
-from fedhydra.common.training import CandidateGroup, ScoredExample
+from fedhydra.common.examples import CandidateGroup, ScoredExample
 
 FORMAT = "fedhydra-client/1"
 ROLES = ("train", "test")

@@ -20,6 +20,7 @@ import torch
 
 from . import labels, selection, training
 from .config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
+from .examples import CandidateGroup
 from .llm.base import LLM
 from .protocol import ADAPTER, BASE_PART, HEAD_PART, MODULES, RERANKER, array_key, split_array_key
 from .llm.pool import fan_out
@@ -140,7 +141,7 @@ def calibration_sums(task: Task, adapter: HydraScorer, examples: list) -> dict[s
     """selection.margin_sums over the held-out groups, scored with their users' trained heads."""
     sums: dict[str, float] = {}
     for g in examples:
-        if isinstance(g, training.CandidateGroup) and g.held_out:
+        if isinstance(g, CandidateGroup) and g.held_out:
             scores = adapter.log_odds(g.user_id, g.query, g.texts, g.features if adapter.extra else None)
             sums = selection.add_sums(sums, selection.margin_sums(scores, g.grades))
     return sums

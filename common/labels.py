@@ -11,7 +11,7 @@ reach this module. A pseudo-query never retrieves the item it was made from.
 - Adapter: for each pseudo-query, the prompt holds the reranker's top-k items; the LLM gives its
   greedy answer and B samples. `adapter-labels`:
   - graded (FedHydra, default): one CandidateGroup per query, every candidate graded by the task
-    metric against the target, trained with a listwise loss (training.py), with the candidate
+    metric against the target, trained with a listwise loss (examples.py), with the candidate
     features (selection.py). A training user's real query is held out (never trained on) when the
     margin is calibrated: it is the one query distributed exactly like a test query.
   - gold (HYDRA's code): the target is the positive, every LLM candidate a negative (pointwise);
@@ -45,7 +45,7 @@ from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
 from .tasks import Task
-from .training import CandidateGroup, ScoredExample
+from .examples import CandidateGroup, ScoredExample
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ class HydraScorer(nn.Module):
             # train at their own learning rate (setting feature-lr), without weight decay (training.param_groups).
             self.candidate_weights.fixed_lr = settings.SETTINGS["feature-lr"].default if feature_lr is None \
                 else feature_lr
-        self.listwise_loss = "risk"  # training.batch_loss's listwise loss: the run's setting (hydra.use_run_settings)
+        self.listwise_loss = "risk"  # examples.batch_loss's listwise loss: the run's setting (hydra.use_run_settings)
         self.heads = nn.ModuleDict()
         self._user_of_key: dict[str, str] = {}
         self.heads[DEFAULT_HEAD] = self._new_head()

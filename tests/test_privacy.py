@@ -27,7 +27,7 @@ from fedhydra.common.llm.base import LLMStats
 from fedhydra.common.retrieval import Retriever
 from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.synthetic import make_synthetic
-from fedhydra.common.training import CandidateGroup, ScoredExample
+from fedhydra.common.examples import CandidateGroup, ScoredExample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DELTA = 1e-5

@@ -7,7 +7,8 @@ import torch
 
 from fedhydra.common import settings
 from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
-from fedhydra.common.training import CandidateGroup, ScoredExample, batch_loss, fit_stage, train_stage
+from fedhydra.common.examples import CandidateGroup, ScoredExample, batch_loss
+from fedhydra.common.training import fit_stage, train_stage
 
 QUERY = "which pet?"
 TEMPLATES = ["a photo of a {}", "my {} is sleeping", "the {} ran away", "I fed the {} today",
