@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from fedhydra.common.encoder import default_encoder_path
+from fedhydra.common.examples import ScoredExample
 from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.tasks import get_task
-from fedhydra.common.examples import ScoredExample
 from fedhydra.common.training import train_stage
 
 TASK = get_task("LaMP_7")

@@ -29,6 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedhydra.common.config import HydraConfig
+from fedhydra.common.examples import CandidateGroup, ScoredExample
 from fedhydra.common.files import write_atomic
 from fedhydra.common.hydra import HydraModels
 from fedhydra.common.partition import users_task
@@ -36,7 +37,6 @@ from fedhydra.common.protocol import MODULES
 from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.records import User
 from fedhydra.common.tasks import PROFILE_FIELDS, Task, get_task
-from fedhydra.common.examples import CandidateGroup, ScoredExample
 
 FORMAT = "fedhydra-client/1"
 ROLES = ("train", "test")

@@ -71,6 +71,7 @@ class CandidateGroup:
 
 Example = ScoredExample | CandidateGroup
 
+
 def batches(examples: list[Example], order: list[int], batch_size: int) -> list[list[Example]]:
     """Pointwise: `batch_size` examples each. Listwise: whole groups, until a batch holds `batch_size` texts."""
     if isinstance(examples[0], ScoredExample):

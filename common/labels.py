@@ -37,6 +37,7 @@ from statistics import fmean
 
 from . import fit, selection
 from .config import MARGIN_AUTO, HydraConfig
+from .examples import CandidateGroup, ScoredExample
 from .llm.base import LLM
 from .llm.pool import fan_out
 from .metrics import is_correct, rouge_pair
@@ -45,7 +46,6 @@ from .records import User
 from .retrieval import Retriever
 from .scorer import HydraScorer
 from .tasks import Task
-from .examples import CandidateGroup, ScoredExample
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import torch
 from fedhydra.common import hydra, labels, selection
 from fedhydra.common.config import get_config
 from fedhydra.common.data import split_users
+from fedhydra.common.examples import CandidateGroup
 from fedhydra.common.hydra import HydraModels, fit, train
 from fedhydra.common.pipeline import HydraPipeline, adapter_scores, history_answers
-from fedhydra.common.examples import CandidateGroup
 from fedhydra.common.records import User
 from fedhydra.common.retrieval import Retriever
 from fedhydra.common.synthetic import make_synthetic

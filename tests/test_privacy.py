@@ -23,11 +23,11 @@ from fedhydra.client.privacy_ledger import DPSettings, PrivacyError, PrivacyLedg
 from fedhydra.client.state import ClientState
 from fedhydra.common import hydra, labels
 from fedhydra.common.config import get_config
+from fedhydra.common.examples import CandidateGroup, ScoredExample
 from fedhydra.common.llm.base import LLMStats
 from fedhydra.common.retrieval import Retriever
 from fedhydra.common.scorer import HydraScorer
 from fedhydra.common.synthetic import make_synthetic
-from fedhydra.common.examples import CandidateGroup, ScoredExample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DELTA = 1e-5

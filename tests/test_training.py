@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedhydra.common import settings
-from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
 from fedhydra.common.examples import CandidateGroup, ScoredExample, batch_loss
+from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
 from fedhydra.common.training import fit_stage, train_stage
 
 QUERY = "which pet?"
