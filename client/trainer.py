@@ -173,7 +173,7 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
     missing = [u.id for u in users if u.gold is None]
     if missing:
         raise ValueError(f"client {state.folder}: users {missing[:3]} have no gold answer to evaluate against")
-    for module in p.MODULES:  # reranker first: the adapter's labels use the fitted reranker's top-k
+    for module in cfg.fit_modules:  # reranker first: the adapter's labels use the fitted reranker's top-k
         model = getattr(models, module)
         examples = module_examples(state, module, "test", llm, cfg, models, say)
         if examples:  # a user too small to fit keeps the default head

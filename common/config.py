@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, field, fields, make_dataclass, replace
 
 from . import settings
+from .protocol import MODULES
 
 PRESETS: dict[str, dict[str, settings.Value]] = {
     "paper": {"pseudo-queries": 10, "retrieve": 10, "candidates": 8, "max-length": 256, "epochs": 2, "fit-epochs": 2,
@@ -52,6 +53,11 @@ class _HydraConfigRules:
         if not value >= 0.0:
             raise ValueError(f"adapter-margin must be auto, off or a number >= 0, got {self.adapter_margin!r}")
         return value
+
+    @property
+    def fit_modules(self) -> tuple[str, ...]:
+        """The scorers (protocol.MODULES names, in training order) whose new users' heads the fit stage fits."""
+        return {"both": MODULES, "none": ()}.get(self.fit_heads, (self.fit_heads,))
 
     @property
     def style_or_none(self) -> str | None:

@@ -4,7 +4,8 @@ run, or one federated client).
 - train: labels from the users' history, then base + their heads (+ the shared default head)
   trained together, reranker first, so the adapter's prompts use the trained reranker's top-k;
 - calibrate: the adapter margin, from held-out training queries (selection.py);
-- fit: unseen users, base frozen, heads started from the default head and fitted on their own history.
+- fit: unseen users, base frozen, heads (of the scorers in `fit-heads`) started from the default head and fitted on
+  their own history.
 """
 
 from __future__ import annotations
@@ -157,9 +158,10 @@ def resolve_margin(cfg: HydraConfig, calibrated: float | str | None = None) -> f
 
 def fit(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: HydraModels,
         say: Say | None = None) -> dict:
-    """The fit stage: each user's heads start from the default head and fit on their history; the bases stay frozen."""
+    """The fit stage: each user's heads of the scorers in `cfg.fit_modules` start from the default head and fit on their
+    history; the bases stay frozen."""
     retriever, report = Retriever(task), {}
-    for which in MODULES:
+    for which in cfg.fit_modules:
         model = getattr(models, which)
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which, False, say)
         if examples:

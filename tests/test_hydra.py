@@ -6,6 +6,7 @@ a couple of minutes on 2 cores; the behaviour under test does not depend on size
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -71,7 +72,25 @@ def test_fit_never_sends_the_test_query_or_gold_and_keeps_the_base(trained):
         assert user.gold.strip() not in sent, "a test user's gold reached label generation"
     for m in ("reranker", "adapter"):
         assert _same(trained.base[m], getattr(models, m).shared_state()), f"the fit stage changed the {m} base"
-        assert all(getattr(models, m).has_user(u.id) for u in trained.test_users)
+        assert all(getattr(models, m).has_user(u.id) for u in trained.test_users)  # fit-heads "both", HYDRA's
+
+
+def test_fit_heads_picks_the_scorers_that_fit_and_the_others_ask_the_llm_nothing(trained):
+    """fit-heads adapter fits only adapter heads, none fits nothing; neither fits a reranker head, so neither makes
+    the reranker's one-shot label requests."""
+    task, models, stranger, llm = trained.task, trained.models, trained.stranger, trained.llm
+    llm.requests.clear()
+    assert fit(task, llm, [stranger], replace(trained.cfg, fit_heads="none"), models) == {}
+    assert not llm.requests
+    assert not models.adapter.has_user(stranger.id) and not models.reranker.has_user(stranger.id)
+    fresh, cfg = HydraModels.new(trained.cfg), replace(trained.cfg, fit_heads="adapter")  # the stranger stays unseen
+    report = fit(task, llm, [stranger], cfg, fresh)
+    assert list(report) == ["adapter"] and fresh.adapter.has_user(stranger.id)
+    assert not fresh.reranker.has_user(stranger.id)
+    assert llm.requests, "the adapter's fit labels asked the LLM nothing"
+    assert get_config("cpu", fit_heads="adapter").fit_modules == ("adapter",)
+    with pytest.raises(ValueError, match="fit-heads"):
+        get_config("cpu", fit_heads="heads")
 
 
 def test_pseudo_queries_never_retrieve_their_own_item(llm):
