@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .protocol import ADAPTER, RERANKER
+
 Value = str | int | float | bool
 
 
@@ -96,7 +98,7 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     # LaMP-4 format"). HYDRA fits both, and so does every published FedHydra run: the default.
     _S("fit-heads", "both", "scorers whose heads the fit stage fits for each new user: both, adapter, reranker or "
        "none (a scorer left out answers new users with its shared default head, and its fit makes no LLM call)",
-       "hydra", ("both", "adapter", "reranker", "none")),
+       "hydra", ("both", ADAPTER, RERANKER, "none")),
     _S("lr", 0.0, "learning rate of the shared base layers (0 = preset)", "hydra", tags=LABEL_FREE),
     _S("head-lr", 0.0, "learning rate of the heads (0 = preset)", "hydra", tags=LABEL_FREE),
     # Adam moves a weight by about lr per step, and the few feature weights must travel far even in a federated
