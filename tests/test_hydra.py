@@ -76,8 +76,8 @@ def test_fit_never_sends_the_test_query_or_gold_and_keeps_the_base(trained):
 
 
 def test_fit_heads_picks_the_scorers_that_fit_and_the_others_ask_the_llm_nothing(trained):
-    """fit-heads adapter fits only adapter heads, none fits nothing; neither fits a reranker head, so neither makes
-    the reranker's one-shot label requests."""
+    """fit-heads none fits no head and asks the LLM nothing; adapter fits adapter heads only (the reranker's
+    default head serves the user)."""
     task, models, stranger, llm = trained.task, trained.models, trained.stranger, trained.llm
     llm.requests.clear()
     assert fit(task, llm, [stranger], replace(trained.cfg, fit_heads="none"), models) == {}
