@@ -70,6 +70,24 @@ def federated_plan(values: dict, out: Path, parallel: int = 0, given: tuple[str,
     return fed, options
 
 
+def oversubscription(fed: dict, options: dict) -> str:
+    """A warning (or "") when the clients that run at once ask for more threads than this machine has cores.
+    llama.cpp's idle threads spin instead of sleeping, so oversubscribed clients slow each other down many times
+    over: on 2 cores, 2 clients with llm-threads 2 made 0.4 LLM requests/s together, with the automatic share
+    (llm-threads 1) about 1.7/s, on the same reranker-label prompts."""
+    share = options.get("client-resources-num-cpus")
+    cores = options.get("init-args-num-cpus")
+    if not share or not cores:  # a Ray cluster brings its own resources: its cores are not this machine's
+        return ""
+    at_once = max(1, min(int(fed["min-nodes"]), int(cores // share)))
+    threads = max(int(fed["threads"]), int(fed["llm-threads"]))
+    if at_once * threads <= cores:
+        return ""
+    return (f"warning: {at_once} client(s) at once x {threads} threads each on {cores} cores: the LLM's threads spin "
+            "while they wait, so the run slows down several times; leave out --threads/--llm-threads for the "
+            "automatic share, or lower --parallel")
+
+
 def check_federated_start(fed: dict) -> None:
     """Refuse at once what the Flower run would refuse later: a resume under other settings, and a state root that
     holds another run's clients (each client would refuse its folder, after the baselines had run)."""
@@ -91,6 +109,9 @@ def run_federated(values: dict, out: Path, parallel: int = 0, clientapp: str = C
     echo(f"{options['num-supernodes']} simulated clients, {options['client-resources-num-cpus']} CPU(s) each; "
          f"threads {fed['threads']}, llm-threads {fed['llm-threads']}"
          f"{'' if {'threads', 'llm-threads'} <= set(given) else ' (automatic share of the cores unless given)'}")
+    warning = oversubscription(fed, options)
+    if warning:
+        echo(warning)
     check_federated_start(fed)
     app = write_app(out / "flower" / "app", fed, clientapp=clientapp, files=files)
     with Deployment(out / "flower", simulation=True, log=echo, ray_address=fed.get("ray-address", "")) as deployment:

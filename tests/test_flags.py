@@ -17,6 +17,7 @@ from fedhydra.cli.main import RUNS, build_parser, command_plan
 from fedhydra.common import settings
 from fedhydra.common.encoder import default_encoder_path
 from fedhydra.common.synthetic import write_synthetic
+from fedhydra.simulations.simulate import oversubscription
 
 ROOT = Path(__file__).resolve().parents[1]
 # the arguments each command needs besides the flag under test
@@ -135,6 +136,20 @@ def test_an_explicit_threads_flag_wins_over_the_automatic_share(tmp_path):
     assert plan["federated"]["threads"] == 3
     auto = command_plan(build_parser().parse_args(["simulate", "--out", str(tmp_path), "--parallel", "2"]))
     assert auto["federated"]["threads"] == auto["federated"]["llm-threads"] == auto["runtime"]["client-resources-num-cpus"]
+
+
+def test_explicit_threads_that_oversubscribe_the_cores_are_warned_about(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    parse = build_parser().parse_args
+
+    def warning(*flags: str) -> str:
+        plan = command_plan(parse(["simulate", "--out", str(tmp_path), *flags]))
+        return oversubscription(plan["federated"], plan["runtime"])
+
+    assert warning() == ""  # the automatic share: 2 clients at once, 1 thread each
+    assert warning("--llm-threads", "2").startswith("warning: 2 client(s) at once x 2 threads each on 2 cores")
+    assert warning("--llm-threads", "2", "--parallel", "1") == ""  # one client at a time may use both cores
+    assert "x 4 threads" in warning("--threads", "4", "--parallel", "1")
 
 
 def test_invalid_combinations_are_refused(tmp_path, synth):
