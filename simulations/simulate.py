@@ -72,9 +72,9 @@ def federated_plan(values: dict, out: Path, parallel: int = 0, given: tuple[str,
 
 def oversubscription(fed: dict, options: dict) -> str:
     """A warning (or "") when the clients that run at once ask for more threads than this machine has cores.
-    llama.cpp's idle threads spin instead of sleeping, so oversubscribed clients slow each other down many times
-    over: on 2 cores, 2 clients with llm-threads 2 made 0.4 LLM requests/s together, with the automatic share
-    (llm-threads 1) about 1.7/s, on the same reranker-label prompts."""
+    llama.cpp's idle threads spin instead of sleeping, so oversubscribed clients slow each other down: on 2 cores,
+    2 clients with llm-threads 2 made 0.4 LLM requests/s together, with the automatic share (llm-threads 1)
+    0.7 to 0.9/s, on the same kind of reranker-label prompts."""
     share = options.get("client-resources-num-cpus")
     cores = options.get("init-args-num-cpus")
     if not share or not cores:  # a Ray cluster brings its own resources: its cores are not this machine's
@@ -84,7 +84,7 @@ def oversubscription(fed: dict, options: dict) -> str:
     if at_once * threads <= cores:
         return ""
     return (f"warning: {at_once} client(s) at once x {threads} threads each on {cores} cores: the LLM's threads spin "
-            "while they wait, so the run slows down several times; leave out --threads/--llm-threads for the "
+            "while they wait, so the run slows down (about 2x on 2 cores); leave out --threads/--llm-threads for the "
             "automatic share, or lower --parallel")
 
 
