@@ -28,7 +28,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.logger import log
 
 from fedhydra.common import protocol as p
-from fedhydra.common import settings
+from fedhydra.common import settings, training
 from fedhydra.common.config import HydraConfig
 
 from . import trainer
@@ -108,11 +108,13 @@ def install(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context) -> Message:
     values, state, cfg, say = _setup(context)
-    request = p.TrainRequest.unpack(msg, int(values["rounds"]))
+    rounds = int(values["rounds"])
+    request = p.TrainRequest.unpack(msg, rounds)
+    lr_span = training.round_lr_span(values["lr-schedule"], p.module_round(request.server_round, rounds)[1], rounds)
     llm = trainer.client_llm(state, values)
     arrays, metrics = trainer.train_round(state, llm, cfg, request.module, request.arrays, request.server_round,
                                           request.reranker_digest, proximal_mu=request.proximal_mu, say=say,
-                                          privacy=DPSettings.from_settings(values))
+                                          privacy=DPSettings.from_settings(values), lr_span=lr_span)
     return p.reply(msg, metrics, arrays)
 
 

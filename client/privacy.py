@@ -236,7 +236,7 @@ class RecordDPSGD:
 def train_record_dp(model: HydraScorer, examples: list[Example], ledger: PrivacyLedger, dp: DPSettings, *,
                     module: str, server_round: int, epochs: int, lr: float, head_lr: float | None = None,
                     batch_size: int, weight_decay: float = 0.01, seed: int = 0, proximal_mu: float = 0.0,
-                    say: Say | None = None) -> dict:
+                    say: Say | None = None, lr_span: tuple[float, float] = (1.0, 0.0)) -> dict:
     """One round of record-level DP-SGD on `model` (train_stage with RecordDPSGD); saves the ledger.
 
     The first round fixes the plan (noise multiplier for all planned rounds); a round that would take epsilon
@@ -258,7 +258,7 @@ def train_record_dp(model: HydraScorer, examples: list[Example], ledger: Privacy
                 "seconds": time.perf_counter() - start}
     report = training.train_stage(model, examples, epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size,
                                   weight_decay=weight_decay, seed=seed, proximal_mu=proximal_mu, progress=False,
-                                  private=RecordDPSGD(plan, ledger))
+                                  private=RecordDPSGD(plan, ledger), lr_span=lr_span)
     counted = ledger.total_steps - sum(r.steps for r in ledger.rounds)
     if counted != plan.steps_per_round:
         raise RuntimeError(f"the accountant counted {counted} steps this round, the plan has {plan.steps_per_round}")

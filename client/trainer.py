@@ -98,9 +98,11 @@ def _usage(llm: LLM, before, t0: float) -> dict:
 
 def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, shared: dict, server_round: int,
                 reranker_digest: str = "", proximal_mu: float = 0.0, device: str | None = None,
-                say: Say | None = None, privacy: DPSettings | None = None) -> tuple[dict, dict]:
+                say: Say | None = None, privacy: DPSettings | None = None,
+                lr_span: tuple[float, float] = (1.0, 0.0)) -> tuple[dict, dict]:
     """One local training of `module`; returns (its shared arrays, metrics). `privacy` with mode "record":
-    DP-SGD, and the metrics carry the privacy statement (privacy.reply_metrics)."""
+    DP-SGD, and the metrics carry the privacy statement (privacy.reply_metrics). `lr_span`: the round's part
+    of the learning-rate decay (training.round_lr_span)."""
     if module not in p.MODULES:
         raise ValueError(f"unknown module {module!r}; modules: {p.MODULES}")
     t0, before = time.perf_counter(), llm.stats.copy()
@@ -120,7 +122,7 @@ def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, sha
     if privacy is not None and privacy.mode == "record":
         report = train_record_dp(model, examples, PrivacyLedger.load(state.privacy_ledger_path), privacy,
                                  module=module, server_round=server_round, seed=seed, proximal_mu=proximal_mu,
-                                 say=say, **hydra.optim_args(cfg))
+                                 say=say, lr_span=lr_span, **hydra.optim_args(cfg))
         dp_metrics = reply_metrics(report)
         if report["exhausted"]:  # nothing trained or saved; weight 1 so the round's mean moves as little as possible
             if say:
@@ -130,7 +132,7 @@ def train_round(state: ClientState, llm: LLM, cfg: HydraConfig, module: str, sha
                                   **_usage(llm, before, t0), **dp_metrics}
     else:
         report = training.train_stage(model, examples, seed=seed, proximal_mu=proximal_mu, say=say,
-                                      **hydra.optim_args(cfg))
+                                      lr_span=lr_span, **hydra.optim_args(cfg))
     model.clear_cache()
     state.save_models(models)
     state.save_config(cfg)

@@ -141,6 +141,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _S("server-lr", 0.0, "server learning rate (0 = the strategy's usual one: fedavgm 1.0; fedadam, fedyogi, "
        "fedadagrad eta 0.001, as Flower's 0.1 moves pretrained encoder weights far too much)", "federation"),
     _S("server-momentum", 0.9, "fedavgm: server momentum; fedadam/fedyogi: beta-1", "federation"),
+    _S("lr-schedule", "round", "clients' learning-rate decay: run (the rounds share one linear decay, as the "
+       "centralized training over rounds x epochs) or round (each round decays from the full rate to 0)",
+       "federation", ("run", "round")),
     _S("min-nodes", 2, "nodes to wait for before the first round", "federation", tags=RUN_FREE),
     _S("node-wait", 300.0, "seconds to wait for min-nodes to connect", "federation", tags=RUN_FREE),
     _S("round-timeout", 3600.0, "seconds a round waits for replies; clients that miss it are left out", "federation",

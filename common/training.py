@@ -70,11 +70,31 @@ def param_groups(modules: list[nn.Module], lr: float, weight_decay: float) -> li
     return [g for g in groups if g["params"]]
 
 
-def adamw_linear_decay(groups: list[dict], total_steps: int):
-    """HYDRA's optimiser (AdamW, betas 0.9/0.999, eps 1e-8) and its schedule (linear decay to 0 over total_steps)."""
+def adamw_linear_decay(groups: list[dict], total_steps: int, lr_span: tuple[float, float] = (1.0, 0.0)):
+    """HYDRA's optimiser (AdamW, betas 0.9/0.999, eps 1e-8) and its schedule: the learning rate falls linearly
+    over total_steps from lr_span[0] to lr_span[1] times each group's lr (HYDRA: from 1 to 0)."""
+    first, last = lr_span
+    if not 1.0 >= first >= last >= 0.0:
+        raise ValueError(f"lr_span must fall within [0, 1], got {lr_span}")
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(last, first - (first - last) * step / total_steps))
     return opt, sched
+
+
+def round_lr_span(schedule: str, module_round: int, rounds: int) -> tuple[float, float]:
+    """The part of the linear decay one federated round of a module runs (see adamw_linear_decay).
+
+    "run": the rounds share one decay, round r of R from 1 - (r-1)/R to 1 - r/R, so the federated run follows
+    the centralized schedule over rounds x epochs and the last round's updates are small (a fresh full-rate
+    AdamW each round moves every parameter by about lr on its first step, and the server averages those
+    kicks). "round": each round decays from 1 to 0 on its own (FedHydra before; an ablation)."""
+    if not 1 <= module_round <= rounds:
+        raise ValueError(f"round {module_round} is outside 1..{rounds}")
+    if schedule == "round":
+        return 1.0, 0.0
+    if schedule == "run":
+        return 1.0 - (module_round - 1) / rounds, 1.0 - module_round / rounds
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose run or round")
 
 
 def _rng_devices(model: HydraScorer) -> list:
@@ -109,19 +129,21 @@ class Step:
 def train_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: float = 2e-5,
                 head_lr: float | None = None, batch_size: int = 64, weight_decay: float = 0.01, seed: int = 0,
                 progress: bool = True, max_grad_norm: float = 1.0, proximal_mu: float = 0.0,
-                say: Say | None = None, private: PrivateSteps | None = None) -> dict:
+                say: Say | None = None, private: PrivateSteps | None = None,
+                lr_span: tuple[float, float] = (1.0, 0.0)) -> dict:
     """Train the trainable base layers + the examples' users' heads + the default head together.
 
     Users without a head get a copy of the default head. `head_lr` (default: `lr`, as HYDRA) is the
     heads' learning rate; `proximal_mu` > 0 adds FedProx's mu/2 ||w - w_start||^2 on the base layers.
-    `private`: DP-SGD instead of plain steps (its batches and steps; see PrivateSteps).
+    `private`: DP-SGD instead of plain steps (its batches and steps; see PrivateSteps). `lr_span`: the part of
+    the linear decay these epochs run (a federated round's: round_lr_span).
     `say` gets a line per epoch. Returns {loss, user_loss, default_loss, accuracy, examples, users,
     steps, epochs, items, seconds}; losses are means over all steps (DP: over the sampled units), accuracy is
     the user heads' on the last epoch; items counts what the steps saw (DP: the sampled units).
     """
     return _optimise(model, examples, base=True, init="new", epochs=epochs, lr=lr, head_lr=head_lr,
                      batch_size=batch_size, weight_decay=weight_decay, seed=seed, max_grad_norm=max_grad_norm,
-                     proximal_mu=proximal_mu, say=say, progress=progress, private=private)
+                     proximal_mu=proximal_mu, say=say, progress=progress, private=private, lr_span=lr_span)
 
 
 def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: float = 2e-5,
@@ -151,7 +173,7 @@ def fit_stage(model: HydraScorer, examples: list[Example], epochs: int = 2, lr: 
 def _optimise(model: HydraScorer, examples: list[Example], *, base: bool, init: str, epochs: int, lr: float,
               head_lr: float | None, batch_size: int, weight_decay: float, seed: int, max_grad_norm: float,
               say: Say | None, progress: bool, proximal_mu: float = 0.0,
-              private: PrivateSteps | None = None) -> dict:
+              private: PrivateSteps | None = None, lr_span: tuple[float, float] = (1.0, 0.0)) -> dict:
     """The one training loop of every stage. `base`: the train stage (trainable base layers, user heads and
     the default head, loss of both heads); else the fit stage (user heads only, on features computed once).
     `init`: how a user's head starts: "new" (the train stage) and "keep" leave an existing head as it is and
@@ -180,7 +202,7 @@ def _optimise(model: HydraScorer, examples: list[Example], *, base: bool, init: 
             order_rng = torch.Generator().manual_seed(seed)
             plan = [batches(examples, torch.randperm(len(examples), generator=order_rng).tolist(), batch_size)
                     for _ in range(epochs)]
-        opt, sched = adamw_linear_decay(groups, sum(len(p) for p in plan))
+        opt, sched = adamw_linear_decay(groups, sum(len(p) for p in plan), lr_span)
         if private is not None:
             stepping = private.steps(model, params, opt, sched, anchor, proximal_mu)
         elif base:

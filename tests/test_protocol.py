@@ -45,9 +45,9 @@ class StandInTrainer:
         self.installed, self.trained, self.calibrated, self.evaluated = [], [], [], []
 
     def train_round(self, state, llm, cfg, module, shared, server_round, reranker_digest="", proximal_mu=0.0,
-                    say=None, privacy=None):
+                    say=None, privacy=None, lr_span=(1.0, 0.0)):
         self.trained.append({"node": state.node, "module": module, "round": server_round, "keys": sorted(shared),
-                             "digest": reranker_digest, "proximal_mu": proximal_mu})
+                             "digest": reranker_digest, "proximal_mu": proximal_mu, "lr_span": lr_span})
         metrics = {p.NUM_EXAMPLES: 4, p.USERS: 1, p.LOSS: 0.5, p.ACCURACY: 0.25, p.LLM_CALLS: 2, p.TOKENS: 30,
                    p.CACHE_HITS: 1, p.SECONDS: 0.1}
         return {k: v + state.node / 1000 for k, v in shared.items()}, metrics
@@ -155,6 +155,14 @@ def test_fedprox_mu_and_a_greedy_margin_reach_the_client(run):
     assert [e["margin"] for e in stand_in.evaluated] == [None]  # greedy answers: no margin
     (msg, _), = fed.of_kind(p.EVALUATE)
     assert p.evaluate_margin(msg) is None
+
+
+@pytest.mark.parametrize("schedule, spans", [("run", [(1.0, 0.5), (0.5, 0.0)] * 2), ("round", [(1.0, 0.0)] * 4)])
+def test_the_lr_schedule_reaches_each_clients_rounds(run, schedule, spans):
+    doc, fed, stand_in = run(**{"lr-schedule": schedule})
+    assert doc["status"] == "done"
+    for node in TRAIN_NODES:
+        assert [tuple(t["lr_span"]) for t in stand_in.trained if t["node"] == node] == spans
 
 
 def test_round_numbers_map_both_ways_and_a_disagreement_is_refused():

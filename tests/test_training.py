@@ -8,7 +8,7 @@ import torch
 from fedhydra.common import settings
 from fedhydra.common.examples import CandidateGroup, ScoredExample, batch_loss
 from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
-from fedhydra.common.training import fit_stage, train_stage
+from fedhydra.common.training import adamw_linear_decay, fit_stage, round_lr_span, train_stage
 
 QUERY = "which pet?"
 TEMPLATES = ["a photo of a {}", "my {} is sleeping", "the {} ran away", "I fed the {} today",
@@ -75,6 +75,43 @@ def test_train_stage_is_reproducible_for_a_seed(model):
     train_stage(other, examples, epochs=1, batch_size=3, seed=3, progress=False)
     assert all(torch.equal(model.shared_state()[n], t) for n, t in other.shared_state().items())
     assert all(torch.equal(model.personal_state("a")[n], t) for n, t in other.personal_state("a").items())
+
+
+def _rates(total_steps: int, lr_span: tuple[float, float]) -> list[float]:
+    """The learning rate of each of `total_steps` steps under adamw_linear_decay (base rate 1)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    opt, sched = adamw_linear_decay([{"params": [weight], "lr": 1.0}], total_steps, lr_span)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return rates
+
+
+def test_run_schedule_rounds_follow_the_centralized_decay_over_rounds_x_epochs():
+    rounds, steps = 3, 4
+    federated = [r for m in range(1, rounds + 1) for r in _rates(steps, round_lr_span("run", m, rounds))]
+    assert federated == pytest.approx(_rates(rounds * steps, (1.0, 0.0)))
+    assert round_lr_span("run", rounds, rounds) == pytest.approx((1 / 3, 0.0))
+    assert all(round_lr_span("round", m, rounds) == (1.0, 0.0) for m in range(1, rounds + 1))
+    assert _rates(steps, round_lr_span("round", 2, rounds)) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    with pytest.raises(ValueError, match="outside 1..3"):
+        round_lr_span("run", 4, rounds)
+    with pytest.raises(ValueError, match="unknown lr schedule 'cosine'"):
+        round_lr_span("cosine", 1, rounds)
+    with pytest.raises(ValueError, match="lr_span"):
+        _rates(steps, (0.5, 0.75))
+
+
+def test_train_stage_runs_its_lr_span(model):
+    """A span of zero rates leaves the shared base and the heads untouched (AdamW's decay is scaled by the rate too)."""
+    before = model.shared_state()
+    before = {n: t.clone() for n, t in before.items()}
+    train_stage(model, pet_examples("a", "cat"), epochs=1, batch_size=6, progress=False, lr_span=(0.0, 0.0))
+    assert all(torch.equal(before[n], t) for n, t in model.shared_state().items())
+    train_stage(model, pet_examples("a", "cat"), epochs=1, batch_size=6, progress=False, lr_span=(0.5, 0.0))
+    assert any(not torch.equal(before[n], t) for n, t in model.shared_state().items())
 
 
 def test_fit_stage_keeps_base_bit_identical_and_fits_only_its_users(model):
