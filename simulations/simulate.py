@@ -258,7 +258,8 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
             "data": values["data"] or "synthetic", "clients": f"{values['clients']} train + {values['test-clients']} "
             f"test, {values['users-per-client']} user(s) each, partitioner {values['partitioner']}",
             "strategy": values["strategy"], "rounds per module": values["rounds"], "epochs per round": cfg.epochs,
-            "seed": cfg.seed, "llm": llm.name, "prompt style": cfg.style or default_style(task), "preset": cfg.preset,
+            "lr schedule": values["lr-schedule"], "seed": cfg.seed, "llm": llm.name,
+            "prompt style": cfg.style or default_style(task), "preset": cfg.preset,
             "machine": f"{platform.machine()}, Python {platform.python_version()}",
             "wall s": round(time.perf_counter() - t0, 1),
             "peak RSS MB (driver)": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}

@@ -137,6 +137,7 @@ def test_simulate_writes_results_beside_the_baselines(uninterrupted):
     assert fed["users"] == 1 and fed["metrics"] == doc["evaluation"]["metrics"]
     assert (out / "rounds-loss.png").stat().st_size > 1000 and (out / "rounds-bytes.png").stat().st_size > 1000
     assert "hydra-fed" in (out / "results.md").read_text()
+    assert "- lr schedule: round" in (out / "results.md").read_text()
     assert doc["settings"]["strategy"] == "fedavg" and "margin" in doc
 
 
