@@ -87,7 +87,7 @@ def round_lr_span(schedule: str, module_round: int, rounds: int) -> tuple[float,
     "run": the rounds share one decay, round r of R from 1 - (r-1)/R to 1 - r/R, so the federated run follows
     the centralized schedule over rounds x epochs and the last round's updates are small (a fresh full-rate
     AdamW each round moves every parameter by about lr on its first step, and the server averages those
-    kicks). "round": each round decays from 1 to 0 on its own (FedHydra before; an ablation)."""
+    kicks). "round" (the default until a LaMP-7 rerun backs a change): each round decays from 1 to 0 on its own."""
     if not 1 <= module_round <= rounds:
         raise ValueError(f"round {module_round} is outside 1..{rounds}")
     if schedule == "round":
