@@ -11,6 +11,9 @@
       labels/<module>.json        training examples made from LLM feedback, with the key of what they
                                   depend on (config, and the reranker for adapter labels); reused while it matches
       llm-cache/                  the client's own LLM response cache (SQLite)
+      answers.jsonl               the last evaluation's answers to its test users (id, prediction, gold): they stay
+                                  here; only metric sums go to the server (a simulation's harness reads them for
+                                  paired intervals, as the owner of every simulated device)
       privacy.json                record-level DP ledger (client/privacy_ledger.py): the plan and the
                                   Opacus accountant's state, so epsilon accumulates across rounds and restarts
 
@@ -223,6 +226,19 @@ class ClientState:
         rows = [asdict(e) for e in examples]
         write_atomic(self.folder / "labels" / f"{module}.json",
                      json.dumps({"key": key, "examples": rows}, ensure_ascii=False) + "\n")
+
+    @property
+    def answers_path(self) -> Path:
+        return self.folder / "answers.jsonl"
+
+    def answers(self) -> list[dict] | None:
+        """The last evaluation's answers ({id, prediction, gold} per test user), or None before any."""
+        if not self.answers_path.is_file():
+            return None
+        return [json.loads(line) for line in self.answers_path.read_text(encoding="utf-8").splitlines() if line]
+
+    def save_answers(self, rows: list[dict]) -> None:
+        write_atomic(self.answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     @property
     def llm_cache_dir(self) -> Path:

@@ -165,7 +165,7 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
                      device: str | None = None, say: Say | None = None) -> tuple[dict[str, float], dict]:
     """Fit the unseen users' heads on their history (base frozen) and answer their queries with `margin`
     (None: greedy). Returns (additive metric statistics over the users (metrics.metric_stats), the users
-    and costs).
+    and costs); the answers themselves stay in the state folder (ClientState.answers).
     Outside every DP guarantee (dp=record covers only train rounds, client/privacy.py): the fit, the answers
     and these statistics are computed without noise."""
     t0, before = time.perf_counter(), llm.stats.copy()
@@ -186,6 +186,7 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
     pipe = HydraPipeline(state.task, llm, Retriever(state.task), models.reranker, models.adapter, cfg, margin)
     predictions = [a.text for a in pipe.answer_many(users, p.FULL)]
     stats = metric_stats(state.task, predictions, [u.gold for u in users])
+    state.save_answers([{"id": u.id, "prediction": a, "gold": u.gold} for u, a in zip(users, predictions)])
     if say:
         say(f"answered {len(users)} unseen users")
     return stats, {p.USERS: len(users), **_usage(llm, before, t0)}

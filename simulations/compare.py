@@ -209,17 +209,28 @@ def ratios(task: Task, predictions: dict[str, list[dict]], seed: int = 0) -> dic
         by = {r["id"]: r for r in rows}
         if set(by) == set(order):
             values[m] = per_user(task, [by[i] for i in order])
-    higher = task.higher_is_better
-    best = (max if higher else min)(base, key=lambda m: values[m].mean())
+    best = (max if task.higher_is_better else min)(base, key=lambda m: values[m].mean())
     idx = np.random.default_rng(seed).integers(0, len(order), (BOOTSTRAP, len(order)))
-    out = {}
-    for m, v in values.items():
-        num, den = (v, values[best]) if higher else (values[best], v)
-        point = num.mean() / den.mean() if den.mean() else float("nan")
-        with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose baseline scores 0: no ratio
-            boot = num[idx].mean(1) / den[idx].mean(1)
-            boot[~np.isfinite(boot)] = np.nan
-            lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if not np.isnan(boot).all() else (np.nan, np.nan)
-        out[m] = {"ratio": round(float(point), 4), "low": round(float(lo), 4), "high": round(float(hi), 4),
-                  "baseline": best}
-    return out
+    return {m: _ratio(task, v, values[best], idx) | {"baseline": best} for m, v in values.items()}
+
+
+def paired_ratio(task: Task, rows: list[dict], reference: list[dict], seed: int = 0) -> dict | None:
+    """`rows`' ratio to `reference` (the same convention as ratios: above 1 is better) with its 95% paired
+    bootstrap interval, over the users both answered; None if they share none."""
+    by, ref = {r["id"]: r for r in rows}, {r["id"]: r for r in reference}
+    ids = [i for i in ref if i in by]
+    if not ids:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(ids), (BOOTSTRAP, len(ids)))
+    return _ratio(task, per_user(task, [by[i] for i in ids]), per_user(task, [ref[i] for i in ids]), idx) | \
+        {"users": len(ids)}
+
+
+def _ratio(task: Task, v: np.ndarray, ref: np.ndarray, idx: np.ndarray) -> dict:
+    num, den = (v, ref) if task.higher_is_better else (ref, v)
+    point = num.mean() / den.mean() if den.mean() else float("nan")
+    with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose baseline scores 0: no ratio
+        boot = num[idx].mean(1) / den[idx].mean(1)
+        boot[~np.isfinite(boot)] = np.nan
+        lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if not np.isnan(boot).all() else (np.nan, np.nan)
+    return {"ratio": round(float(point), 4), "low": round(float(lo), 4), "high": round(float(hi), 4)}

@@ -6,7 +6,8 @@ beside the methods it must beat, on the same unseen test users.
 - hydra-fed:         FedHydra through Flower's own CLI: a local SuperLink in simulation mode and
                      `flwr run` of the app with these settings; train clients train the shared bases with
                      the chosen Flower strategy, test clients fit their heads locally and report only
-                     metric statistics;
+                     metric statistics (their answers stay in their state folders, where this harness,
+                     the owner of every simulated device, reads them for paired intervals);
 - hydra-local:       each test client alone: base and heads trained on its own users' history only;
 - copy-input, first-words, majority-label, user-mean, user-mode, mbr, closest, oracle: references on the same
   users (simulations/compare.py).
@@ -26,7 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedhydra.client.state import ClientState, check_origin, partition_origin
+from fedhydra.client.state import ClientState, StateError, check_origin, partition_origin
 from fedhydra.common import settings
 from fedhydra.common.config import HydraConfig
 from fedhydra.common.data import dataset_name
@@ -39,8 +40,8 @@ from fedhydra.common.tasks import Task
 from fedhydra.server.privacy_statement import markdown_lines
 
 from .app_folder import CLIENTAPP, write_app
-from .compare import (PROMPT_BASELINES, REFERENCES, check_references, ratios, run_baselines, run_method,
-                      run_references)
+from .compare import (PROMPT_BASELINES, REFERENCES, check_references, paired_ratio, ratios, run_baselines,
+                      run_method, run_references)
 from .deployment import Deployment
 from .results import MethodResult, Outcomes, markdown_table, write_results
 
@@ -146,6 +147,28 @@ def fed_result(task: Task, doc: dict, wall: float) -> MethodResult:
                         round(wall, 2))
 
 
+def fed_answers(parts: list, state_root: Path, since: float) -> list[dict] | None:
+    """hydra-fed's answers per test user, as the simulated test clients keep them in their own state folders (only
+    metric sums reach the server): the harness owns every simulated device, so it may read them for paired
+    intervals. None unless every test client wrote them in this run (`since`: its start), e.g. when the clients
+    ran on other machines of a Ray cluster; then only a point ratio is possible."""
+    rows = []
+    for pid, (role, users) in enumerate(parts):
+        if role != "test":
+            continue
+        try:
+            state = ClientState(state_root / f"client-{pid}")
+        except StateError:
+            return None
+        if not state.answers_path.is_file() or state.answers_path.stat().st_mtime < since:
+            return None
+        got = state.answers()
+        if [r["id"] for r in got] != [u.id for u in users]:
+            return None
+        rows += got
+    return rows
+
+
 def run_local(task: Task, llm, groups: list, cfg: HydraConfig):
     """hydra-local: every test client trains its own base and heads on its own users' history only."""
     from fedhydra.common.hydra import HydraModels, resolve_margin, train
@@ -236,7 +259,7 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
     run_references(done, task, test_users, refs, plan["train_users"])
     if "hydra-fed" in methods:
         print("federated run (Flower's simulation runtime, flwr run):", flush=True)
-        t1 = time.perf_counter()
+        t1, started = time.perf_counter(), time.time()
 
         def _federated():
             doc = run_federated(values, out, plan["parallel"], clientapp, files, given=plan["given"])
@@ -245,7 +268,8 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
                 from .plots import plot_rounds
 
                 plot_rounds(doc["rounds"], out, f"{task.name}, {len(parts)} clients")
-                return [fed_result(task, doc, time.perf_counter() - t1)], {}
+                rows = fed_answers(parts, Path(plan["federated"]["state-root"]), started)
+                return [fed_result(task, doc, time.perf_counter() - t1)], {"hydra-fed": rows} if rows else {}
             if doc["status"].startswith("stopped after"):
                 print(f"federated run {doc['status']}; rerun with --resume true to finish it", flush=True)
                 return [], {}
@@ -272,12 +296,17 @@ def simulate_command(args: argparse.Namespace, values: dict, demo: bool = False,
         info["adapter margin (federated)"] = extra["federated"].get("margin")
     q = ratios(task, predictions, seed=cfg.seed)
     fed = next((r for r in results if r.method == "hydra-fed"), None)
-    if q and fed:  # hydra-fed's clients return metric sums, not per-user answers: a point ratio only
+    if q and fed and "hydra-fed" not in q:  # no answers from the test clients' folders: a point ratio from the sums
         base = next(iter(q.values()))["baseline"]
         b, f = next(r for r in results if r.method == base).metrics[task.metrics[0]], fed.metrics[task.metrics[0]]
         num, den = (f, b) if task.higher_is_better else (b, f)
         q["hydra-fed"] = {"ratio": round(num / den, 4) if den else float("nan"), "low": None, "high": None,
                           "baseline": base}
+    if "hydra-fed" in predictions and "hydra" in predictions:  # federated parity, paired over the same users
+        par = paired_ratio(task, predictions["hydra-fed"], predictions["hydra"], seed=cfg.seed)
+        if par:
+            info["hydra-fed over centralized hydra (95% CI)"] = \
+                f"{par['ratio']:.3f} ({par['low']:.3f}-{par['high']:.3f}), {par['users']} users, above 1 is better"
     privacy = extra.get("federated", {}).get("privacy")
     appendix = "\n".join(markdown_lines(privacy)) if privacy else ""
     if done.failures:

@@ -21,7 +21,9 @@ from fedhydra.client.train_mods import PUBLIC_TRAIN_METRICS
 from fedhydra.common import protocol, settings
 from fedhydra.common.config import get_config
 from fedhydra.common.hydra import HydraModels, shared_arrays
+from fedhydra.common.metrics import evaluate
 from fedhydra.common.partition import load_users
+from fedhydra.common.tasks import get_task
 from fedhydra.server.central_dp import epsilon_after
 from fedhydra.server.secagg import QUANTIZATION_RANGE
 from fedhydra.simulations.simulate import simulate_command
@@ -138,6 +140,14 @@ def test_simulate_writes_results_beside_the_baselines(uninterrupted):
     assert (out / "rounds-loss.png").stat().st_size > 1000 and (out / "rounds-bytes.png").stat().st_size > 1000
     assert "hydra-fed" in (out / "results.md").read_text()
     assert "- lr schedule: round" in (out / "results.md").read_text()
+    # the test client's answers stayed in its own folder; the harness read them there for a paired interval,
+    # and they give the metric the sums gave the server
+    zero = [json.loads(line) for line in (out / "predictions" / "zero-shot.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "predictions" / "hydra-fed.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in zero] == ClientState(out / "clients" / "client-3").user_ids()
+    assert evaluate(get_task("LaMP_2M"), [r["prediction"] for r in rows], [r["gold"] for r in rows]) == \
+        pytest.approx(doc["evaluation"]["metrics"])
+    assert "low" in fed["ratio"] and "only sums leave clients" not in (out / "results.md").read_text()  # a paired one
     assert doc["settings"]["strategy"] == "fedavg" and "margin" in doc
 
 

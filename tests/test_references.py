@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedhydra.common.data import dataset_name, load_split
-from fedhydra.simulations.compare import check_references, ratios, references
+from fedhydra.simulations.compare import check_references, paired_ratio, ratios, references
 from fedhydra.simulations.results import Outcomes, write_results
 
 AMAZON = Path("/work/shared/data/amazon")
@@ -76,6 +76,20 @@ def test_error_ratios_read_above_one_as_better(rating_split):
     assert q["near"]["high"] > q["near"]["low"] >= 1.0
     q = ratios(task, {"rag-1": near, "worse": bad}, seed=0)
     assert q["worse"]["ratio"] == pytest.approx(0.5) and q["worse"]["high"] <= 1.0
+
+
+def test_paired_ratio_compares_two_methods_on_the_users_both_answered(rating_split):
+    test, _ = rating_split
+    task = test.task
+    bad = [{"id": u.id, "prediction": "1", "gold": u.gold} for u in test.users]  # |errors| 4, 1, 2, 3
+    near = [{"id": r["id"], "prediction": p, "gold": r["gold"]} for r, p in zip(bad, "3325")]  # |errors| 2, 1, 1, 1
+    q = paired_ratio(task, near, bad, seed=0)
+    assert q["ratio"] == pytest.approx(2.0) and q["high"] > q["low"] >= 1.0 and q["users"] == 4
+    # only shared users count: without the first user, |errors| 1, 2, 3 against 1, 1, 1
+    q = paired_ratio(task, near[1:], bad, seed=0)
+    assert q["users"] == 3 and q["ratio"] == pytest.approx(2.0)
+    assert paired_ratio(task, bad, near, seed=0)["ratio"] == pytest.approx(0.5)
+    assert paired_ratio(task, near, [dict(r, id="other") for r in bad]) is None
 
 
 def test_first_words_uses_the_training_users_median_title_length(tmp_path):
