@@ -178,8 +178,7 @@ def fit_and_evaluate(state: ClientState, llm: LLM, cfg: HydraConfig, shared: dic
     for module in cfg.fit_modules:  # reranker first: the adapter's labels use the fitted reranker's top-k
         model = getattr(models, module)
         examples = module_examples(state, module, "test", llm, cfg, models, say)
-        if examples:  # a user too small to fit keeps the default head
-            training.fit_stage(model, examples, seed=cfg.seed, init="default", say=say, **hydra.optim_args(cfg, "fit"))
+        hydra.fit_heads(model, examples, [u.id for u in users], cfg, module, say)
         model.clear_cache()
     state.save_models(models)
     state.save_config(replace(cfg, adapter_margin="off" if margin is None else repr(margin)))  # the service uses it

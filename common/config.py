@@ -39,6 +39,8 @@ class _HydraConfigRules:
             raise ValueError(f"temperature={self.temperature} must be in (0, 2]")
         if self.adapter_label_queries < 0:
             raise ValueError("adapter-label-queries must be >= 0")
+        if self.fit_min_queries < 0:
+            raise ValueError("fit-min-queries must be >= 0")
         self.margin  # validates adapter_margin
 
     @property

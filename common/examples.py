@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,23 @@ class CandidateGroup:
 
 
 Example = ScoredExample | CandidateGroup
+
+
+def ranked_queries(examples: list[Example]) -> Counter:
+    """Per user, the queries whose examples rank something: a group whose candidates are not all graded alike,
+    or a query whose pairs are not all labelled alike. A query whose texts are all equally good or bad teaches a
+    head no choice among them, only a shift that every candidate of the query shares. Held-out groups never
+    train, so they do not count."""
+    labels: dict[tuple[str, str], set[int]] = {}
+    out: Counter = Counter()
+    for e in examples:
+        if isinstance(e, CandidateGroup):
+            out[e.user_id] += int(not e.held_out and max(e.grades) > min(e.grades))
+        else:
+            labels.setdefault((e.user_id, e.query), set()).add(e.label)
+    for (user_id, _), seen in labels.items():
+        out[user_id] += int(len(seen) > 1)
+    return out
 
 
 def batches(examples: list[Example], order: list[int], batch_size: int) -> list[list[Example]]:

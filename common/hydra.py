@@ -5,7 +5,7 @@ run, or one federated client).
   trained together, reranker first, so the adapter's prompts use the trained reranker's top-k;
 - calibrate: the adapter margin, from held-out training queries (selection.py);
 - fit: unseen users, base frozen, heads (of the scorers in `fit-heads`) started from the default head and fitted on
-  their own history.
+  their own history; a user whose history ranks fewer than `fit-min-queries` queries keeps the default head.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from . import labels, selection, training
 from .config import MARGIN_AUTO, MARGIN_OFF, HydraConfig
-from .examples import CandidateGroup
+from .examples import CandidateGroup, ranked_queries
 from .llm.base import LLM
 from .protocol import ADAPTER, BASE_PART, HEAD_PART, MODULES, RERANKER, array_key, split_array_key
 from .llm.pool import fan_out
@@ -164,10 +164,29 @@ def fit(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hydra
     for which in cfg.fit_modules:
         model = getattr(models, which)
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which, False, say)
-        if examples:
-            report[which] = training.fit_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg, "fit"))
+        report[which] = fit_heads(model, examples, [u.id for u in users], cfg, which, say)
         model.clear_cache()
         release_memory()
+    return report
+
+
+def fit_heads(model: HydraScorer, examples: list, user_ids: list[str], cfg: HydraConfig, which: str = "",
+              say: Say | None = None) -> dict:
+    """Fit the heads of the users (of `user_ids`) whose examples rank at least `fit-min-queries` queries (capped at
+    pseudo-queries), each started from the default head; every other user answers with the default head (a head
+    they had is removed). Returns fit_stage's report (none when no user qualifies) with how many users got a head."""
+    need = min(cfg.fit_min_queries, cfg.pseudo_queries)
+    ranked = ranked_queries(examples)
+    fitted = [u for u in user_ids if ranked[u] >= need and any(e.user_id == u for e in examples)]
+    for u in set(user_ids) - set(fitted):
+        model.remove_user(u)
+    keep = set(fitted)
+    report = (training.fit_stage(model, [e for e in examples if e.user_id in keep], seed=cfg.seed, init="default",
+                                 say=say, **optim_args(cfg, "fit")) if fitted else {})
+    report |= {"heads_fitted": len(fitted), "default_head_users": len(user_ids) - len(fitted)}
+    if say:
+        say(f"{which or 'fit'}: {len(fitted)} of {len(user_ids)} new users get a head of their own; the other "
+            f"{len(user_ids) - len(fitted)} have fewer than {need} ranked queries and keep the default head")
     return report
 
 

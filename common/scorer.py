@@ -147,6 +147,12 @@ class HydraScorer(nn.Module):
         self._user_of_key[key] = user_id
         return self.heads[key]
 
+    def remove_user(self, user_id: str) -> None:
+        """Drop the user's own head (if any): the user then answers with the default head."""
+        key = head_key(user_id)
+        if key in self._user_of_key:
+            del self.heads[key], self._user_of_key[key]
+
     def head(self, user_id: str | None) -> ScoringHead:
         """The user's head, or the default head when the user has none (or user_id is None)."""
         if user_id is None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fedhydra.common import settings
-from fedhydra.common.examples import CandidateGroup, ScoredExample, batch_loss
+from fedhydra.common.config import get_config
+from fedhydra.common.examples import CandidateGroup, ScoredExample, batch_loss, ranked_queries
+from fedhydra.common.hydra import fit_heads
 from fedhydra.common.scorer import DEFAULT_HEAD, HydraScorer
 from fedhydra.common.training import adamw_linear_decay, fit_stage, round_lr_span, train_stage
 
@@ -292,3 +296,26 @@ def test_feature_weights_are_shared_start_at_zero_have_their_own_lr_and_stay_fro
     fit_stage(model, [CandidateGroup("w", QUERY, texts, [0.0, 1.0], features)], epochs=3, head_lr=1e-2,
               batch_size=8, progress=False)
     assert torch.equal(model.candidate_weights.weight, trained)  # part of the frozen base in the fit stage
+
+
+def test_fit_heads_gives_a_head_only_to_users_whose_history_ranks_enough_queries(model):
+    """fit-min-queries: a user whose queries rank fewer than the minimum (capped at pseudo-queries) answers with the
+    default head, and loses a head an earlier fit gave it; 0 fits every user with examples (HYDRA's way)."""
+    cfg = get_config("cpu", fit_min_queries=2, pseudo_queries=3, fit_epochs=1, batch_size=8)
+    rich = [ScoredExample("rich", f"{QUERY} {i}", t.format(a), int(a == "cat"))
+            for i in range(2) for t in TEMPLATES[:2] for a in ("cat", "dog")]
+    thin = [ScoredExample("thin", "q1", "a cat", 1), ScoredExample("thin", "q1", "a dog", 0),
+            ScoredExample("thin", "q2", "a cat", 0), ScoredExample("thin", "q2", "a dog", 0)]  # q2 ranks nothing
+    groups = [CandidateGroup("g", QUERY, ["a", "b"], [1.0, 0.0]), CandidateGroup("g", "q", ["a", "b"], [0.5, 0.5]),
+              CandidateGroup("g", "q3", ["a", "b"], [1.0, 0.0], held_out=True)]
+    assert ranked_queries(rich + thin) == {"rich": 2, "thin": 1} and ranked_queries(groups) == {"g": 1}
+    model.add_user("thin")
+    report = fit_heads(model, rich + thin, ["rich", "thin", "silent"], cfg)
+    assert report["heads_fitted"] == 1 and report["default_head_users"] == 2 and report["users"] == 1
+    assert model.users == ["rich"]
+    assert fit_heads(model, thin, ["thin"], replace(cfg, pseudo_queries=1))["heads_fitted"] == 1  # the cap
+    assert model.has_user("thin")
+    report = fit_heads(model, [e for e in thin if e.query == "q2"], ["thin", "silent"], replace(cfg, fit_min_queries=0))
+    assert report["heads_fitted"] == 1 and model.has_user("thin") and not model.has_user("silent")
+    with pytest.raises(ValueError, match="fit-min-queries"):
+        get_config("cpu", fit_min_queries=-1)
