@@ -307,11 +307,16 @@ def test_resume_after_stop_ends_where_an_uninterrupted_run_does(tmp_path, uninte
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert resumed["evaluation"]["metrics"] == pytest.approx(doc_a["evaluation"]["metrics"])
-    # the clients' heads survived the restart and match the uninterrupted run's
+    # the clients' heads survived the restart and match the uninterrupted run's (a test user whose history ranks
+    # too few queries has none, in both runs: fit-min-queries)
+    heads = 0
     for folder in sorted((tmp_path / "clients").iterdir()):
         state_b, state_a = ClientState(folder), ClientState(root_a / "clients" / folder.name)
         mb, ma = state_b.load_models(), state_a.load_models()
         for uid in state_b.user_ids():
-            assert mb.reranker.has_user(uid) and mb.adapter.has_user(uid)
-            for k, v in mb.adapter.personal_state(uid).items():
+            assert mb.reranker.has_user(uid) == ma.reranker.has_user(uid)
+            assert mb.adapter.has_user(uid) == ma.adapter.has_user(uid)
+            heads += mb.adapter.has_user(uid)
+            for k, v in (mb.adapter.personal_state(uid) if mb.adapter.has_user(uid) else {}).items():
                 torch.testing.assert_close(v, ma.adapter.personal_state(uid)[k], rtol=1e-5, atol=1e-6)
+    assert heads, "no user kept an adapter head across the restart"

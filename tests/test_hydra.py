@@ -57,10 +57,10 @@ def trained(module_llm):
         report = train(task, module_llm, train_users, cfg, models)
     base = {m: {k: v.clone() for k, v in getattr(models, m).shared_state().items()} for m in ("reranker", "adapter")}
     module_llm.requests.clear()
-    fit(task, module_llm, test_users, cfg, models)
-    return SimpleNamespace(task=task, cfg=cfg, models=models, report=report, calibrated=calibrated, base=base,
-                           fit_prompts=module_llm.prompt_texts(), llm=module_llm, train_users=train_users,
-                           test_users=test_users, stranger=stranger)
+    fitted = fit(task, module_llm, test_users, cfg, models)
+    return SimpleNamespace(task=task, cfg=cfg, models=models, report=report, fitted=fitted, calibrated=calibrated,
+                           base=base, fit_prompts=module_llm.prompt_texts(), llm=module_llm,
+                           train_users=train_users, test_users=test_users, stranger=stranger)
 
 
 def test_fit_never_sends_the_test_query_or_gold_and_keeps_the_base(trained):
@@ -72,7 +72,9 @@ def test_fit_never_sends_the_test_query_or_gold_and_keeps_the_base(trained):
         assert user.gold.strip() not in sent, "a test user's gold reached label generation"
     for m in ("reranker", "adapter"):
         assert _same(trained.base[m], getattr(models, m).shared_state()), f"the fit stage changed the {m} base"
-        assert all(getattr(models, m).has_user(u.id) for u in trained.test_users)  # fit-heads "both", HYDRA's
+        # fit-heads "both" (HYDRA's): each user whose history ranks enough queries has a head, the others none
+        heads = [u.id for u in trained.test_users if getattr(models, m).has_user(u.id)]
+        assert len(heads) == trained.fitted[m]["heads_fitted"] == 2 - trained.fitted[m]["default_head_users"]
 
 
 def test_fit_heads_picks_the_scorers_that_fit_and_the_others_ask_the_llm_nothing(trained):
@@ -83,7 +85,8 @@ def test_fit_heads_picks_the_scorers_that_fit_and_the_others_ask_the_llm_nothing
     assert fit(task, llm, [stranger], replace(trained.cfg, fit_heads="none"), models) == {}
     assert not llm.requests
     assert not models.adapter.has_user(stranger.id) and not models.reranker.has_user(stranger.id)
-    fresh, cfg = HydraModels.new(trained.cfg), replace(trained.cfg, fit_heads="adapter")  # the stranger stays unseen
+    fresh = HydraModels.new(trained.cfg)  # the stranger stays unseen; fit-min-queries 0: a head whatever the history
+    cfg = replace(trained.cfg, fit_heads="adapter", fit_min_queries=0)
     report = fit(task, llm, [stranger], cfg, fresh)
     assert list(report) == ["adapter"] and fresh.adapter.has_user(stranger.id)
     assert not fresh.reranker.has_user(stranger.id)
