@@ -107,7 +107,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     # label-set queries always rank).
     _S("fit-min-queries", 3, "a new user's head is fitted only when at least this many of their queries rank "
        "something (its candidates or items not all graded alike; capped at pseudo-queries); a user with fewer "
-       "answers with the scorer's shared default head (0: every user with examples gets a head, HYDRA's way)", "hydra", tags=LABEL_FREE),
+       "answers with the scorer's shared default head (0: every user with examples gets a head, HYDRA's way)",
+       "hydra", tags=LABEL_FREE),
     _S("lr", 0.0, "learning rate of the shared base layers (0 = preset)", "hydra", tags=LABEL_FREE),
     _S("head-lr", 0.0, "learning rate of the heads (0 = preset)", "hydra", tags=LABEL_FREE),
     # Adam moves a weight by about lr per step, and the few feature weights must travel far even in a federated
