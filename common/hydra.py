@@ -175,13 +175,12 @@ def fit_heads(model: HydraScorer, examples: list, user_ids: list[str], cfg: Hydr
     """Fit the heads of the users (of `user_ids`) whose examples rank at least `fit-min-queries` queries (capped at
     pseudo-queries), each started from the default head; every other user answers with the default head (a head
     they had is removed). Returns fit_stage's report (none when no user qualifies) with how many users got a head."""
-    need = min(cfg.fit_min_queries, cfg.pseudo_queries)
-    ranked = ranked_queries(examples)
-    fitted = [u for u in user_ids if ranked[u] >= need and any(e.user_id == u for e in examples)]
-    for u in set(user_ids) - set(fitted):
+    need, ranked = min(cfg.fit_min_queries, cfg.pseudo_queries), ranked_queries(examples)
+    present = {e.user_id for e in examples}
+    fitted = {u for u in user_ids if u in present and ranked[u] >= need}
+    for u in set(user_ids) - fitted:
         model.remove_user(u)
-    keep = set(fitted)
-    report = (training.fit_stage(model, [e for e in examples if e.user_id in keep], seed=cfg.seed, init="default",
+    report = (training.fit_stage(model, [e for e in examples if e.user_id in fitted], seed=cfg.seed, init="default",
                                  say=say, **optim_args(cfg, "fit")) if fitted else {})
     report |= {"heads_fitted": len(fitted), "default_head_users": len(user_ids) - len(fitted)}
     if say:
