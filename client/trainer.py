@@ -155,7 +155,7 @@ def calibration_sums(state: ClientState, llm: LLM, cfg: HydraConfig, adapter: di
     models = load_models(state, cfg, device)
     hydra.load_shared_arrays(models, adapter)
     examples = module_examples(state, p.ADAPTER, "train", llm, cfg, models, say)
-    sums = hydra.calibration_sums(state.task, models.adapter, examples)
+    sums = hydra.calibration_sums(state.task, models.adapter, examples, cfg)
     if say:
         say(f"calibration: {int(sums.get('queries', 0))} held-out queries scored")
     return sums

@@ -91,9 +91,15 @@ class _HydraConfigRules:
 
     @classmethod
     def from_dict(cls, doc: dict):
-        """What as_dict() wrote (e.g. a client state's config.json)."""
+        """What as_dict() wrote (e.g. a client state's config.json). A field the file lacks (a setting added after it
+        was written) takes the setting's default under the file's preset, so an older state still loads."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in names})
+        given = {k: v for k, v in doc.items() if k in names}
+        if names <= given.keys():
+            return cls(**given)
+        defaults = cls.from_settings({"preset": given.get("preset", settings.SETTINGS["preset"].default),
+                                      "seed": given.get("seed", 0)})
+        return replace(defaults, **given)
 
 
 # One field per `hydra` setting (name and type from common/settings.py, so nothing is declared twice), plus the seed

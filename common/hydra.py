@@ -132,19 +132,20 @@ def train(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: Hyd
                              "(every one graded alike, or none made); use more users, pseudo-queries or candidates")
         report[which] = training.train_stage(model, examples, seed=cfg.seed, say=say, **optim_args(cfg))
         if which == ADAPTER and cfg.margin == MARGIN_AUTO:
-            report["calibration"] = selection.pick_margin(calibration_sums(task, models.adapter, examples))
+            report["calibration"] = selection.pick_margin(calibration_sums(task, models.adapter, examples, cfg))
         model.clear_cache()  # the frozen-feature cache pays off across epochs only; free it for what follows
         release_memory()
     return report
 
 
-def calibration_sums(task: Task, adapter: HydraScorer, examples: list) -> dict[str, float]:
+def calibration_sums(task: Task, adapter: HydraScorer, examples: list, cfg: HydraConfig) -> dict[str, float]:
     """selection.margin_sums over the held-out groups, scored with their users' trained heads."""
     sums: dict[str, float] = {}
     for g in examples:
         if isinstance(g, CandidateGroup) and g.held_out:
             scores = adapter.log_odds(g.user_id, g.query, g.texts, g.features if adapter.extra else None)
-            sums = selection.add_sums(sums, selection.margin_sums(scores, g.grades))
+            values = selection.decision_values(task, g.texts, cfg.rating_answer)
+            sums = selection.add_sums(sums, selection.margin_sums(scores, g.grades, values))
     return sums
 
 

@@ -160,7 +160,8 @@ class HydraPipeline:
                              profile_answers(self.task, user))
                             if self.adapter.extra and self.config.adapter_history else ([], []))
         scores = adapter_scores(self.adapter, self.task, user.id, query, candidates, len(sampled), history, profile)
-        best = selection.pick(scores, self.margin)
+        best = selection.pick(scores, self.margin,
+                              selection.decision_values(self.task, candidates, self.config.rating_answer))
         return Answer(text=candidates[best], items=items, candidates=candidates, scores=[float(s) for s in scores],
                       sampled=len(sampled))
 

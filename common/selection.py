@@ -21,7 +21,8 @@ Candidates are always the greedy answer first, then the samples (pipeline.sample
 - training-free rules over the same candidates: `mbr` (most agreement), `closest` (closest to the query);
   `oracle` needs the gold and is a diagnostic upper bound only.
 - `pick`: the adapter's choice: the best-scoring candidate replaces greedy only when its score beats
-  greedy's by more than the margin (None: never).
+  greedy's by more than the margin (None: never). A rating (setting rating-answer "median") answers the
+  candidate of least expected absolute error under the adapter's softmax instead (`least_expected_error`).
 - margin calibration: `margin_sums` are additive sums per margin over held-out training queries (so
   federated clients can return them), `pick_margin` chooses from their total.
 """
@@ -148,17 +149,43 @@ def oracle(task: Task, texts: Sequence[str], gold: str) -> int:
     return max(range(len(texts)), key=lambda j: (g[j], -j))
 
 
-def pick(scores: Sequence[float], margin: float | None) -> int:
-    """Greedy (index 0) unless the best-scoring candidate beats it by more than `margin` (None: never)."""
+def pick(scores: Sequence[float], margin: float | None, values: Sequence[int | None] | None = None) -> int:
+    """Greedy (index 0) unless the best-scoring candidate beats it by more than `margin` (None: never).
+    `values` (decision_values: a rating task's candidates as numbers): the candidate whose expected absolute error
+    under softmax(scores) is least, whatever the margin (None still keeps greedy)."""
     if margin is None or len(scores) < 2:
         return 0
+    if values is not None:
+        return least_expected_error(scores, values)
     best = max(range(len(scores)), key=lambda j: (scores[j], -j))
     return best if scores[best] - scores[0] > margin else 0
 
 
-def margin_sums(scores: Sequence[float], graded: Sequence[float]) -> dict[str, float]:
+def decision_values(task: Task, texts: Sequence[str], rating_answer: str) -> list[int | None] | None:
+    """The candidates as ratings when a rating task answers by least expected error (setting rating-answer
+    "median"); None otherwise (the top score decides)."""
+    if task.kind != "rating" or rating_answer != "median":
+        return None
+    return [rating_value(t) for t in texts]
+
+
+def least_expected_error(scores: Sequence[float], values: Sequence[int | None]) -> int:
+    """The candidate v minimising sum_j p_j |v_j - v| with p = softmax(scores) over the candidates that hold a
+    number: the weighted median, the Bayes decision for the MAE. The adapter's softmax is what its listwise loss
+    trains, and the candidates of one rating repeat (the LLM's samples, then with_labels), so their mass adds up;
+    its top candidate is the mode instead, which the MAE does not reward. Ties: the higher score, then the earlier."""
+    rated = [j for j, v in enumerate(values) if v is not None]
+    if not rated:
+        return max(range(len(scores)), key=lambda j: (scores[j], -j))
+    top = max(scores[j] for j in rated)
+    weight = {j: math.exp(scores[j] - top) for j in rated}
+    return min(rated, key=lambda i: (sum(w * abs(values[j] - values[i]) for j, w in weight.items()), -scores[i], i))
+
+
+def margin_sums(scores: Sequence[float], graded: Sequence[float],
+                values: Sequence[int | None] | None = None) -> dict[str, float]:
     """One held-out query's contribution: the grade each margin's choice gets, plus the greedy grade and a count."""
-    out = {f"margin:{m:g}": float(graded[pick(scores, m)]) for m in MARGINS}
+    out = {f"margin:{m:g}": float(graded[pick(scores, m, values)]) for m in MARGINS}
     out["margin:off"] = float(graded[0])
     out["queries"] = 1.0
     return out

@@ -47,9 +47,9 @@ def trained(module_llm):
     calibrated = []
     real = hydra.calibration_sums
 
-    def spy(task, adapter, examples):
+    def spy(task, adapter, examples, cfg):
         calibrated.extend(g for g in examples if isinstance(g, CandidateGroup) and g.held_out)
-        return real(task, adapter, examples)
+        return real(task, adapter, examples, cfg)
 
     models = HydraModels.new(cfg)
     with pytest.MonkeyPatch.context() as mp:

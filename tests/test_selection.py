@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from fedhydra.common import selection
@@ -108,6 +110,23 @@ def test_pick_keeps_greedy_unless_a_candidate_beats_it_by_more_than_the_margin()
     assert selection.pick(scores, 0.3) == 0
     assert selection.pick(scores, None) == 0  # off
     assert selection.pick([0.2, 0.2], 0.0) == 0  # a tie keeps greedy
+
+
+def test_a_rating_answers_the_least_expected_error_under_the_adapters_softmax():
+    rating = get_task("LaMP_3")
+    texts = ["5", "1", "2"]
+    scores = [math.log(0.4), math.log(0.3), math.log(0.3)]  # "5" scores top, but 60% of the mass sits at 1-2
+    values = selection.decision_values(rating, texts, "median")
+    assert values == [5, 1, 2]
+    # expected |error|: "5" 0.3*4 + 0.3*3 = 2.1, "1" 0.4*4 + 0.3*1 = 1.9, "2" 0.4*3 + 0.3*1 = 1.5
+    assert selection.pick(scores, 0.0, values) == 2
+    assert selection.pick(scores, 5.0, values) == 2  # the margin does not apply to the expected error...
+    assert selection.pick(scores, None, values) == 0  # ...but off still keeps greedy
+    assert selection.pick(scores, 0.0, selection.decision_values(rating, texts, "top")) == 0  # HYDRA: top score
+    # repeated candidates add their mass; a candidate without a number is never chosen
+    repeated = selection.decision_values(rating, ["4", "5", "5", "n/a"], "median")
+    assert selection.pick([0.0, 0.0, 0.0, 3.0], 0.0, repeated) == 1
+    assert selection.decision_values(MOVIES, ["comedy", "romance"], "median") is None
 
 
 def test_margin_is_picked_from_additive_sums():

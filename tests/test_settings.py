@@ -100,3 +100,9 @@ def test_presets_fill_only_the_sizes_left_at_zero():
         get_config("cpu", adapter_margin="sometimes")
     assert get_config("cpu", adapter_margin="0.5").margin == 0.5 and get_config("cpu").margin == "auto"
     assert HydraConfig.from_dict(cpu.as_dict()) == cpu
+    # a state written before a setting existed loads with that setting's default, its own values kept
+    newer = get_config("paper", k=2, seed=5).as_dict()
+    older = {k: v for k, v in newer.items() if k not in ("rating_answer", "epochs")}
+    loaded = HydraConfig.from_dict(older)
+    assert loaded.rating_answer == "median" and loaded.epochs == PRESETS["paper"]["epochs"]
+    assert loaded.k == 2 and loaded.seed == 5 and loaded.retrieve == 10
