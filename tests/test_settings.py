@@ -104,5 +104,6 @@ def test_presets_fill_only_the_sizes_left_at_zero():
     newer = get_config("paper", k=2, seed=5).as_dict()
     older = {k: v for k, v in newer.items() if k not in ("rating_answer", "epochs")}
     loaded = HydraConfig.from_dict(older)
-    assert loaded.rating_answer == "median" and loaded.epochs == PRESETS["paper"]["epochs"]
+    assert loaded.rating_answer == settings.SETTINGS["rating-answer"].default
+    assert loaded.epochs == PRESETS["paper"]["epochs"]
     assert loaded.k == 2 and loaded.seed == 5 and loaded.retrieve == 10
