@@ -296,6 +296,18 @@ def split_users(users: list[User], n_train: int, n_test: int, seed: int) -> tupl
     return [users[i] for i in order[:n_train]], [users[i] for i in order[n_train:]]
 
 
+def more_users(users: list[User], taken: list[User], n: int, seed: int) -> list[User]:
+    """`n` random users of `users` outside `taken` (seeded apart from split_users, so asking for more users here never
+    changes which users the split chose)."""
+    if n < 0:
+        raise ValueError(f"user count must not be negative ({n})")
+    ids = {u.id for u in taken}
+    rest = [u for u in users if u.id not in ids]
+    if n > len(rest):
+        raise ValueError(f"asked for {n} more users but only {len(rest)} are not already train or test users")
+    return random.Random(f"{seed}:more").sample(rest, n)
+
+
 DATA_NOTES = ("SOURCES.md", "README.md")  # files that may describe a data folder, read for its name
 
 

@@ -120,13 +120,22 @@ def _through_pool(llm: LLM, fn: Callable, items: list, what: str, unit: str, say
 
 
 def train(task: Task, llm: LLM, users: list[User], cfg: HydraConfig, models: HydraModels,
-          say: Say | None = None) -> dict:
-    """The train stage on `users` (then the margin, when it is calibrated); returns per-module training metrics."""
+          say: Say | None = None, label_users: list[User] = ()) -> dict:
+    """The train stage on `users` (then the margin, when it is calibrated); returns per-module training metrics.
+    `label_users` (closed-label tasks): further users whose history adds only the adapter's label-set queries,
+    which cost no LLM call; they train the shared adapter (and heads of their own) beside `users`."""
+    if label_users and not labels.has_label_set_queries(task, cfg):
+        raise ValueError(f"label users give only label-set queries, which {task.name} does not have here (a task with "
+                         "a closed label set and adapter-label-queries > 0 does)")
     retriever, report = Retriever(task), {}
     for which in MODULES:
         model = getattr(models, which)
         examples = make_labels(task, llm, retriever, users, cfg, models.reranker, which,
                                cfg.include_train_queries, say)
+        if which == ADAPTER and label_users:
+            examples += [e for u in label_users for e in labels.label_set_examples(task, retriever, u, cfg)]
+            if say:
+                say(f"adapter: {len(examples)} examples with the label-set queries of {len(label_users)} label users")
         if not [e for e in examples if not getattr(e, "held_out", False)]:  # e.g. short titles: all ROUGE 0
             raise ValueError(f"{which} labels: no query of the {len(users)} training users ranks its candidates "
                              "(every one graded alike, or none made); use more users, pseudo-queries or candidates")

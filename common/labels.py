@@ -191,6 +191,11 @@ def adapter_examples(task: Task, llm: LLM, retriever: Retriever, user: User, pqs
     return adapter_labels(task, user, prepared, candidates, cfg) + label_set_examples(task, retriever, user, cfg)
 
 
+def has_label_set_queries(task: Task, cfg: HydraConfig) -> bool:
+    """Whether the adapter gets label-set queries: a closed label set, and adapter-label-queries > 0."""
+    return task.kind != "generation" and bool(task.labels) and cfg.adapter_label_queries > 0
+
+
 def label_set_examples(task: Task, retriever: Retriever, user: User, cfg: HydraConfig) -> list:
     """Classification/rating: `cfg.adapter_label_queries` profile items (seeded) scored against every
     label of the task, the item's own label the right one; no LLM call. [] for generation tasks.
@@ -198,7 +203,7 @@ def label_set_examples(task: Task, retriever: Retriever, user: User, cfg: HydraC
     rest of the profile.
     Graded: one CandidateGroup per item. Pointwise: the positive repeated so each query's positives weigh
     as much as its negatives (with 1 positive in 15 the heads learn "always negative")."""
-    if task.kind == "generation" or not task.labels or cfg.adapter_label_queries <= 0:
+    if not has_label_set_queries(task, cfg):
         return []
     rng = random.Random(f"{cfg.seed}:{user.id}:label-set")
     items = rng.sample(user.profile, min(cfg.adapter_label_queries, len(user.profile)))

@@ -57,6 +57,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     # --- centralized evaluation only (`fedhydra evaluate`; not a Flower run-config key)
     _S("train-users", 20, "users whose history trains the shared bases", "central"),
     _S("test-users", 20, "unseen users who are evaluated", "central"),
+    _S("label-users", 0, "classification/rating: further users, disjoint from both, whose history gives the adapter "
+       "only its label-set queries (adapter-label-queries; no LLM call): the shared adapter learns from more people "
+       "than LLM labels can afford", "central"),
     # --- HYDRA: sizes (0 = the preset's) and method choices
     _S("preset", "cpu", "HYDRA sizes: paper (HYDRA's published ones), cpu (fewer LLM calls for 2-core machines) or "
        "auto (paper with CUDA, cpu without)", "hydra", ("cpu", "paper", "auto")),

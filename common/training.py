@@ -35,6 +35,7 @@ from .scorer import DEFAULT_HEAD, HydraScorer
 
 
 Say = Callable[[str], None]
+PROGRESS_EVERY_S = 60.0  # a stage longer than this says how far it is, about this often
 
 
 def check_args(examples: list, epochs: int, batch_size: int, lrs: list[float | None]) -> None:
@@ -202,7 +203,8 @@ def _optimise(model: HydraScorer, examples: list[Example], *, base: bool, init: 
             order_rng = torch.Generator().manual_seed(seed)
             plan = [batches(examples, torch.randperm(len(examples), generator=order_rng).tolist(), batch_size)
                     for _ in range(epochs)]
-        opt, sched = adamw_linear_decay(groups, sum(len(p) for p in plan), lr_span)
+        total = sum(len(p) for p in plan)
+        opt, sched = adamw_linear_decay(groups, total, lr_span)
         if private is not None:
             stepping = private.steps(model, params, opt, sched, anchor, proximal_mu)
         elif base:
@@ -216,11 +218,17 @@ def _optimise(model: HydraScorer, examples: list[Example], *, base: bool, init: 
         for module in [model] if base else heads:
             module.train()  # the fit stage's base keeps its mode (its features are already computed)
         sums, weight, steps, correct, seen, items = {}, 0.0, 0, 0, 0, 0
+        told = time.perf_counter()
         try:
             with stepping as step:
                 for epoch, epoch_batches in enumerate(plan):
-                    for batch in epoch_batches:
+                    for i, batch in enumerate(epoch_batches):
                         done = step(batch)
+                        now = time.perf_counter()
+                        if say and now - told > PROGRESS_EVERY_S:  # a long stage says how far it is
+                            told, left = now, (now - start) / (steps + 1) * (total - steps - 1)
+                            say(f"{'' if base else 'fit '}epoch {epoch + 1}/{epochs}: step {i + 1}/{len(epoch_batches)}"
+                                f", about {int(left // 60)} min {int(left % 60)} s left")
                         steps, weight, items = steps + 1, weight + done.weight, items + done.items
                         for k, v in done.losses.items():
                             sums[k] = sums.get(k, 0.0) + v

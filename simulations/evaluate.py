@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 from fedhydra.common.config import HydraConfig
-from fedhydra.common.data import dataset_name, load_split, split_users
+from fedhydra.common.data import dataset_name, load_split, more_users, split_users
 from fedhydra.common.fit import fit_stats
 from fedhydra.common.hydra import HydraModels, fit, resolve_margin, train
 from fedhydra.common.llm import llm_from_settings
+from fedhydra.common.labels import has_label_set_queries
 from fedhydra.common.llm.base import LLM
 from fedhydra.common.pipeline import MODES, HydraPipeline
 from fedhydra.common.prompts import default_style
@@ -42,13 +43,13 @@ BASE_ONLY = "hydra-base"  # ablation: the full pipeline before the fit stage, ba
 
 
 def run_hydra(task: Task, llm: LLM, train_users: list[User], test_users: list[User], methods: list[str],
-              cfg: HydraConfig, say=print):
-    """Train on `train_users`, fit on `test_users`, answer with each HYDRA variant in `methods` (BASE_ONLY answers
-    between the two stages, so every test user gets the default heads: what the per-user heads add is the
-    difference to `hydra`)."""
+              cfg: HydraConfig, say=print, label_users: list[User] = ()):
+    """Train on `train_users` (and the adapter's label-set queries of `label_users`), fit on `test_users`, answer
+    with each HYDRA variant in `methods` (BASE_ONLY answers between the two stages, so every test user gets the
+    default heads: what the per-user heads add is the difference to `hydra`)."""
     before, t0, fitted = llm.stats.copy(), time.perf_counter(), fit_stats(llm).copy()
     models = HydraModels.new(cfg)
-    report = {"train": train(task, llm, train_users, cfg, models, say)}
+    report = {"train": train(task, llm, train_users, cfg, models, say, label_users)}
     margin = resolve_margin(cfg, report["train"].get("calibration", {}).get("margin"))
     report["margin"] = margin
     say(f"adapter margin: {'off (always greedy)' if margin is None else margin}")
@@ -76,7 +77,9 @@ def run_hydra(task: Task, llm: LLM, train_users: list[User], test_users: list[Us
     return results, predictions, report, models
 
 
-def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], list[User], str, str]:
+def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], list[User], list[User], str, str]:
+    """The task, the train, test and label users (more_users: drawn from the train data after the split), the
+    source and the data set's name."""
     if args.train_data or args.test_data:
         if not (args.train_data and args.test_data):
             raise ValueError("give --data DIR, or both --train-data DIR and --test-data DIR")
@@ -88,18 +91,22 @@ def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], li
         task = tr.task
         train_users, _ = split_users(tr.users, values["train-users"], 0, values["seed"])
         _, test_users = split_users(te.users, 0, values["test-users"], values["seed"])
+        test_ids = {u.id for u in test_users}
+        pool = [u for u in tr.users if u.id not in test_ids]
         source = f"train {args.train_data}, test {args.test_data}"
         name = dataset_name(args.test_data, task, values.get("data-name", ""))
     elif values["data"]:
         split = load_split(values["data"])
         task, source = split.task, values["data"]
         train_users, test_users = split_users(split.users, values["train-users"], values["test-users"], values["seed"])
+        pool = split.users
         name = dataset_name(values["data"], task, values.get("data-name", ""))
     else:
         raise ValueError("give --data DIR (a LaMP split), or --train-data and --test-data")
     if values["task"] and values["task"] != task.name:
         raise ValueError(f"--task {values['task']} but the data is {task.name}")
-    return task, train_users, test_users, source, name
+    label_users = more_users(pool, train_users + test_users, values["label-users"], values["seed"])
+    return task, train_users, test_users, label_users, source, name
 
 
 HYDRA_METHODS = (*MODES, BASE_ONLY)
@@ -115,7 +122,7 @@ def default_methods(task: Task) -> str:
 
 def evaluation_plan(args: argparse.Namespace, values: dict) -> dict:
     """What `fedhydra evaluate` will run, decided (and checked) before anything starts. Every flag lands here."""
-    task, train_users, test_users, source, name = _users(args, values)
+    task, train_users, test_users, label_users, source, name = _users(args, values)
     listed = default_methods(task) if args.methods.strip() == "default" else args.methods
     methods = [m.strip() for m in listed.split(",") if m.strip()]
     check_methods(methods, (BASE_ONLY,))
@@ -123,10 +130,14 @@ def evaluation_plan(args: argparse.Namespace, values: dict) -> dict:
     if [m for m in refs if m in CANDIDATE_RULES] and not ({"hydra", "hydra-adapter"} & set(hydra)):
         raise ValueError("mbr, closest and oracle pick among hydra's candidates: add hydra or hydra-adapter")
     check_references(task, refs)
-    return {"methods": methods, "out": Path(args.out), "values": values, "config": HydraConfig.from_settings(values),
-            "task": task, "train_users": train_users, "test_users": test_users, "source": source,
-            "data_name": name,
-            "train_data": args.train_data, "test_data": args.test_data}
+    cfg = HydraConfig.from_settings(values)
+    if label_users and not (hydra and has_label_set_queries(task, cfg)):
+        raise ValueError(f"--label-users {len(label_users)}: label users only add the hydra adapter's label-set "
+                         f"queries; {task.name} has none here (a closed label set and adapter-label-queries > 0), "
+                         "or no hydra method runs")
+    return {"methods": methods, "out": Path(args.out), "values": values, "config": cfg, "task": task,
+            "train_users": train_users, "label_users": label_users, "test_users": test_users, "source": source,
+            "data_name": name, "train_data": args.train_data, "test_data": args.test_data}
 
 
 def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
@@ -139,14 +150,18 @@ def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
     refs, hydra, source = [m for m in methods if m in REFERENCES], [m for m in methods if m in HYDRA_METHODS], plan["source"]
     llm = llm_from_settings(values)
     out = plan["out"]
-    print(f"{plan['data_name']}: {len(train_users)} train users, {len(test_users)} test users, LLM {llm.name}, "
-          f"preset {cfg.preset}", flush=True)
+    label_users = plan["label_users"]
+    print(f"{plan['data_name']}: {len(train_users)} train users, {len(test_users)} test users"
+          + (f", {len(label_users)} label users" if label_users else "") + f", LLM {llm.name}, preset {cfg.preset}",
+          flush=True)
 
     done = Outcomes(out)
     for name in (m for m in methods if m not in HYDRA_METHODS and m not in REFERENCES):
         done.attempt([name], lambda name=name: run_baselines(task, test_users, [name], llm, seed=cfg.seed,
                                                               style=cfg.style_or_none))
-    info = {"data set": plan["data_name"], "task format": f"{task.name} ({task.title})", "data": source, "train users": len(train_users), "test users": len(test_users), "seed": cfg.seed,
+    info = {"data set": plan["data_name"], "task format": f"{task.name} ({task.title})", "data": source,
+            "train users": len(train_users), "test users": len(test_users),
+            **({"label users": len(label_users)} if label_users else {}), "seed": cfg.seed,
             "llm": llm.name, "prompt style": cfg.style or default_style(task), "preset": cfg.preset,
             "candidates": f"greedy + {cfg.candidates} at temperature {cfg.temperature}",
             "adapter labels": cfg.adapter_labels,
@@ -154,7 +169,7 @@ def evaluate_command(args: argparse.Namespace, values: dict) -> Path:
     extra: dict = {"config": cfg.as_dict(), "settings": values}
     if hydra:
         def _hydra():
-            r, p, report, _ = run_hydra(task, llm, train_users, test_users, hydra, cfg)
+            r, p, report, _ = run_hydra(task, llm, train_users, test_users, hydra, cfg, label_users=label_users)
             extra["hydra training"] = report
             info["adapter margin"] = "off" if report["margin"] is None else report["margin"]
             info["hydra train+fit s"] = report["wall_s"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhydra.common.data import load_split, split_users, validate_path
+from fedhydra.common.data import load_split, more_users, split_users, validate_path
 from fedhydra.common.records import DataError, User
 from fedhydra.common.tasks import get_task
 
@@ -284,6 +284,22 @@ def test_split_users_refuses_too_few_users_and_duplicates():
         split_users(_users(3) + _users(1), 1, 1, seed=0)
     with pytest.raises(ValueError, match=r"must not be negative"):
         split_users(_users(3), -1, 1, seed=0)
+
+
+def test_more_users_come_from_outside_the_split_and_never_change_it():
+    users = _users(30)
+    train, test = split_users(users, 10, 5, seed=3)
+    more = more_users(users, train + test, 12, seed=3)
+    taken = {u.id for u in train + test}
+    assert len(more) == 12 == len({u.id for u in more}) and not {u.id for u in more} & taken
+    assert [u.id for u in more_users(users, train + test, 12, seed=3)] == [u.id for u in more]
+    assert [u.id for u in more_users(users, train + test, 12, seed=4)] != [u.id for u in more]
+    assert split_users(users, 10, 5, seed=3) == (train, test)  # asking for more users leaves the split alone
+    assert more_users(users, train + test, 0, seed=3) == []
+    with pytest.raises(ValueError, match=r"asked for 16 more users but only 15"):
+        more_users(users, train + test, 16, seed=3)
+    with pytest.raises(ValueError, match=r"must not be negative"):
+        more_users(users, train, -1, seed=3)
 
 
 def test_the_profile_size_partitioner_groups_users_of_similar_history_length():

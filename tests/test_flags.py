@@ -94,7 +94,7 @@ def _reaches(command: str, plan: dict, action: argparse.Action, parsed) -> bool:
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("synth")
-    write_synthetic(dest, n_users=40)
+    write_synthetic(dest, n_users=42)  # 20 train + 20 test users by default, and room for --label-users
     return dest
 
 

@@ -265,3 +265,14 @@ def test_the_margin_is_calibrated_on_training_queries_only(trained):
     text = "\n".join(g.query + "\n" + "\n".join(g.texts) for g in seen)
     for u in trained.test_users + [trained.stranger]:
         assert task.content(u.input) not in text and u.gold not in text
+
+
+def test_label_users_are_refused_where_there_are_no_label_set_queries():
+    """A generation task (or adapter-label-queries 0) has no label-set queries: label users would add nothing."""
+    split = make_synthetic("LaMP_7", n_users=3, seed=3)
+    with pytest.raises(ValueError, match="label users give only label-set queries, which LaMP_7 does not have"):
+        train(split.task, None, split.users[:2], get_config("cpu", **TINY), None, label_users=split.users[2:])
+    movies = make_synthetic("LaMP_2M", n_users=3, seed=3)
+    with pytest.raises(ValueError, match="label users give only label-set queries"):
+        train(movies.task, None, movies.users[:2], get_config("cpu", **(TINY | {"adapter_label_queries": 0})), None,
+              label_users=movies.users[2:])

@@ -81,6 +81,18 @@ def test_train_stage_is_reproducible_for_a_seed(model):
     assert all(torch.equal(model.personal_state("a")[n], t) for n, t in other.personal_state("a").items())
 
 
+def test_a_long_stage_says_how_far_it_is(model, monkeypatch):
+    from fedhydra.common import training
+    monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)  # every step counts as long
+    lines: list[str] = []
+    train_stage(model, pet_examples("a", "cat"), epochs=2, batch_size=6, say=lines.append)
+    steps = [line for line in lines if ": step " in line]
+    assert [line.split(",")[0] for line in steps] == ["epoch 1/2: step 1/2", "epoch 1/2: step 2/2",
+                                                       "epoch 2/2: step 1/2", "epoch 2/2: step 2/2"]
+    assert steps[-1].endswith("about 0 min 0 s left") and "min" in steps[0]
+    assert [line for line in lines if "mean loss" in line][0].startswith("epoch 1/2: mean loss")
+
+
 def _rates(total_steps: int, lr_span: tuple[float, float]) -> list[float]:
     """The learning rate of each of `total_steps` steps under adamw_linear_decay (base rate 1)."""
     weight = torch.nn.Parameter(torch.zeros(1))
