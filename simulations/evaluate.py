@@ -91,8 +91,7 @@ def _users(args: argparse.Namespace, values: dict) -> tuple[Task, list[User], li
         task = tr.task
         train_users, _ = split_users(tr.users, values["train-users"], 0, values["seed"])
         _, test_users = split_users(te.users, 0, values["test-users"], values["seed"])
-        test_ids = {u.id for u in test_users}
-        pool = [u for u in tr.users if u.id not in test_ids]
+        pool = tr.users  # more_users leaves out the train and test users (by id, so also a test user in both files)
         source = f"train {args.train_data}, test {args.test_data}"
         name = dataset_name(args.test_data, task, values.get("data-name", ""))
     elif values["data"]:
