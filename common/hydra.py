@@ -192,10 +192,12 @@ def fit_heads(model: HydraScorer, examples: list, user_ids: list[str], cfg: Hydr
         model.remove_user(u)
     report = (training.fit_stage(model, [e for e in examples if e.user_id in fitted], seed=cfg.seed, init="default",
                                  say=say, **optim_args(cfg, "fit")) if fitted else {})
-    report |= {"heads_fitted": len(fitted), "default_head_users": len(user_ids) - len(fitted)}
+    rest = len(user_ids) - len(fitted)
+    report |= {"heads_fitted": len(fitted), "default_head_users": rest}
     if say:
-        say(f"{which or 'fit'}: {len(fitted)} of {len(user_ids)} new users get a head of their own; the other "
-            f"{len(user_ids) - len(fitted)} have fewer than {need} ranked queries and keep the default head")
+        has, keeps = ("has", "keeps") if rest == 1 else ("have", "keep")
+        thin = f"; the other {rest} {has} fewer than {need} ranked queries and {keeps} the default head" if rest else ""
+        say(f"{which or 'fit'}: {len(fitted)} of {len(user_ids)} new users get a head of their own{thin}")
     return report
 
 
