@@ -73,6 +73,32 @@ class HiddenCache:
                 _, evicted = self._items.popitem(last=False)
                 self.bytes -= evicted.numel() * evicted.element_size()
 
+    def hidden(self, enc: dict[str, torch.Tensor], pairs: list[tuple[str, str]], compute) -> torch.Tensor:
+        """The frozen states [B, width, H] of a tokenized batch (right-padded): cached rows are reused, the
+        others computed in one sub-batch by `compute(enc)` and remembered."""
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        found = [self.get(p) for p in pairs]
+        missing = [i for i, h in enumerate(found) if h is None]
+        if len(missing) == len(pairs):  # nothing cached: one plain batch, then remember each row
+            hidden = compute(enc)
+            for i, p in enumerate(pairs):
+                self.put(p, hidden[i, : lengths[i]].clone())
+            return hidden
+        if missing:
+            idx = torch.tensor(missing, device=enc["input_ids"].device)
+            width = max(lengths[i] for i in missing)
+            sub_hidden = compute({k: v.index_select(0, idx)[:, :width] for k, v in enc.items()})
+            for j, i in enumerate(missing):
+                found[i] = sub_hidden[j, : lengths[i]].clone()
+                self.put(pairs[i], found[i])
+        hidden = found[0].new_zeros(len(pairs), enc["attention_mask"].shape[1], found[0].shape[-1])
+        for i, h in enumerate(found):
+            hidden[i, : h.shape[0]] = h
+        return hidden
+
+    def stats(self) -> dict:
+        return {"entries": len(self), "mb": self.bytes / 2**20, "hits": self.hits, "misses": self.misses}
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

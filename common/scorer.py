@@ -241,32 +241,6 @@ class HydraScorer(nn.Module):
                     hidden = layer_out(layer(hidden, mask))
         return hidden
 
-    def _cached_hidden(self, enc: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> torch.Tensor:
-        cache = self._cache
-        if cache is None:
-            return self._frozen_hidden(enc)
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
-        found = [cache.get(p) for p in pairs]
-        missing = [i for i, h in enumerate(found) if h is None]
-        if len(missing) == len(pairs):  # nothing cached: one plain batch, then remember each row
-            hidden = self._frozen_hidden(enc)
-            for i, p in enumerate(pairs):
-                cache.put(p, hidden[i, : lengths[i]].clone())
-            return hidden
-        if missing:
-            idx = torch.tensor(missing, device=self.device)
-            width = max(lengths[i] for i in missing)
-            sub = {k: v.index_select(0, idx)[:, :width] for k, v in enc.items()}
-            sub_hidden = self._frozen_hidden(sub)
-            for j, i in enumerate(missing):
-                found[i] = sub_hidden[j, : lengths[i]].clone()
-                cache.put(pairs[i], found[i])
-        width = enc["attention_mask"].shape[1]
-        hidden = found[0].new_zeros(len(pairs), width, self.hidden_size)
-        for i, h in enumerate(found):
-            hidden[i, : h.shape[0]] = h
-        return hidden
-
     def encode(self, queries: list[str], texts: list[str]) -> torch.Tensor:
         """First-token states [B, H] of the (query, text) pairs; gradients flow into the top layers only."""
         enc = self.tokenize(queries, texts)
@@ -274,7 +248,9 @@ class HydraScorer(nn.Module):
             return self.encoder(**enc).last_hidden_state[:, 0]
         from transformers.masking_utils import create_bidirectional_mask
 
-        hidden = self._cached_hidden(enc, list(zip(queries, texts)))
+        cache = self._cache
+        hidden = (self._frozen_hidden(enc) if cache is None
+                  else cache.hidden(enc, list(zip(queries, texts)), self._frozen_hidden))
         if self.top_layers:
             mask = create_bidirectional_mask(self.encoder.config, hidden, enc["attention_mask"])
             for layer in self.top_layers:
@@ -353,10 +329,7 @@ class HydraScorer(nn.Module):
         return (logits[:, 1] - logits[:, 0]).tolist()
 
     def cache_stats(self) -> dict:
-        c = self._cache
-        if c is None:
-            return {"enabled": False}
-        return {"enabled": True, "entries": len(c), "mb": c.bytes / 2**20, "hits": c.hits, "misses": c.misses}
+        return {"enabled": False} if self._cache is None else {"enabled": True, **self._cache.stats()}
 
     def clear_cache(self) -> None:
         if self._cache is not None:

@@ -157,7 +157,7 @@ def test_frozen_cache_gives_the_uncached_scores_in_train_and_eval(model):
     # The frozen part ignores train mode, so a cached row equals a fresh one during training.
     model.train()
     enc = model.tokenize([QUERY] * 3, TEXTS)
-    cached = model._cached_hidden(enc, [(QUERY, t) for t in TEXTS])
+    cached = model._cache.hidden(enc, [(QUERY, t) for t in TEXTS], model._frozen_hidden)
     fresh = model._frozen_hidden(enc)
     assert torch.allclose(cached * enc["attention_mask"][..., None], fresh * enc["attention_mask"][..., None],
                           atol=1e-5)
