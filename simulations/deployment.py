@@ -30,6 +30,7 @@ Flower never installs dependencies at run time, sends telemetry or checks for up
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
@@ -44,6 +45,14 @@ from .flwr_cli import CONNECTION, ServerCLI
 from .processes import FLWR_ENV, DeployError, Launcher, Proc, _bin, free_port  # noqa: F401  (FLWR_ENV: the CLI's)
 
 LOOPBACK = "127.0.0.1"
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether a bind address means every interface (IPv4's or IPv6's unspecified address), so no peer dials it."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return False
 
 
 # ---------------------------------------------------------------- the deployment
@@ -97,7 +106,7 @@ class Deployment:
             from .certs import ensure_server_certs
 
             hosts = sorted({host, LOOPBACK, "localhost", *self.public}
-                           | ({self.bind_host} if self.front and self.bind_host != "0.0.0.0" else set()))
+                           | ({self.bind_host} if self.front and not is_wildcard(self.bind_host) else set()))
             self.server_certs = ensure_server_certs(self.certs_dir, hosts=hosts)
         self._write_cli_config()
 
@@ -167,7 +176,7 @@ class Deployment:
                f"{self.bind_host}:{self.public_port}", "--upstream", self.address, "--ca", str(c.ca_cert),
                "--cert", str(c.server_cert), "--key", str(c.server_key)]
         self.front_proc = self.launcher.spawn("front", cmd, self.workdir / "flwr-home" / "front")
-        probe = LOOPBACK if self.bind_host in ("0.0.0.0", "::") else self.bind_host
+        probe = LOOPBACK if is_wildcard(self.bind_host) else self.bind_host
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.front_proc.alive():

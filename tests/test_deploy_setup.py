@@ -137,3 +137,11 @@ def test_a_device_sets_its_threads_and_llm_endpoint_in_its_node_config(tmp_path)
                                      "--node-config", "no-such-setting=1"])
     with pytest.raises(ValueError, match="no-such-setting"):
         node_config(bad)
+
+
+def test_only_an_unspecified_bind_address_counts_as_every_interface():
+    # A wildcard bind address is never dialled: the front's readiness probe and the certificate skip it.
+    from fedhydra.simulations.deployment import is_wildcard
+
+    assert is_wildcard("0.0.0.0") and is_wildcard("::") and is_wildcard("0:0::0")
+    assert not any(is_wildcard(h) for h in ("127.0.0.1", "::1", "localhost", "fleet.example"))
