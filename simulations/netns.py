@@ -8,8 +8,8 @@ Default routes point into the LAN and end there: the server namespace has no way
 Each namespace has only its own loopback and this LAN: nothing in it can reach the machine's other
 addresses, and the machine's processes cannot reach it except through `ip netns exec`. The namespaces,
 the bridge and the veth pairs are made here and removed by `destroy()` (also on errors: use it as a
-context manager), after every process still running in them is killed. The subnet is picked at random
-in 10.0.0.0/8 among those the machine does not route already, so it never shadows a real network.
+context manager), after every process still running in them is killed. The subnet is a random /24 of the
+private 10/8 block, among those the machine does not route already, so it never shadows a real network.
 """
 
 from __future__ import annotations
